@@ -1,0 +1,109 @@
+"""Checkpoint dir I/O: config.json + weights.safetensors (never a pickle), written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model import atomic
+from model.config import ModelConfig, format_validation_error
+from model.factory import build_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+METRICS_FILE = "metrics.json"
+HELDOUT_FILE = "heldout_probs.safetensors"  # per-block probabilities on val/test, for calibration
+
+
+class CheckpointError(Exception):
+    """A checkpoint dir is missing, incomplete or corrupt; the message says which file and why."""
+
+
+class RunConfig(BaseModel):
+    """The contents of config.json: the network plus where its data came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = 1
+    model: ModelConfig
+    dataset: str  # data set name the model was trained on (training.data registry)
+    data_dir: str | None = None  # where its files were read from, if not bundled
+    seed: int = 0
+    train: dict[str, Any] = Field(default_factory=dict)  # training hyperparameters, for the record
+
+
+def save_config(run_dir: str | Path, config: RunConfig) -> None:
+    atomic.write_text(Path(run_dir) / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"checkpoint dir {run_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a checkpoint dir written by hff-train")
+    try:
+        return RunConfig.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except ValidationError as e:
+        raise CheckpointError(f"{path} is not a valid run config: {format_validation_error(e)}") from None
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers as contiguous CPU tensors (safetensors needs that)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(run_dir: str | Path, model: nn.Module) -> None:
+    tensors = state_tensors(model)
+    atomic.write_with(Path(run_dir) / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+
+
+def load_weights(run_dir: str | Path, model: nn.Module) -> None:
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run never finished an epoch")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
+    """Rebuild the network from config.json alone and load its weights (in eval mode)."""
+    config = load_config(run_dir)
+    model = build_model(config.model)
+    load_weights(run_dir, model)
+    return config, model.eval()
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the run has not finished") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None

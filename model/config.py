@@ -1,0 +1,163 @@
+"""Validated model configuration and the named preset registry.
+
+A `ModelConfig` describes a network completely (architecture, classes, input shape and the input
+normalisation baked into the network), so a checkpoint's `config.json` rebuilds it with no flags.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class BlockConfig(BaseModel):
+    """One block of the body: conv (or linear) layers followed by an optional downsample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["conv", "linear"] = "conv"  # conv: Conv2d layers; linear: flatten + Linear layers
+    width: int = Field(64, ge=1)  # output channels (conv) or features (linear)
+    layers: int = Field(1, ge=1)  # layers inside the block (VGG-style stacks use 2)
+    kernel: int = Field(3, ge=1)  # conv kernel size, 'same' padding
+    norm: Literal["batch", "layer", "none"] = "batch"  # normalisation after each layer
+    activation: Literal["relu", "gelu"] = "relu"
+    downsample: Literal["none", "maxpool", "avgpool"] = "none"  # 2x2 pool at the end (conv only)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout at the end of the block
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to build an HFF (or FF) network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "hff"  # a label for the network, usually the preset name
+    family: Literal["hff", "ff"] = "hff"  # hff: prototype heads; ff: Forward-Forward goodness
+    input_shape: tuple[int, int, int] = (1, 8, 8)  # (C, H, W) of one input
+    class_names: list[str] = Field(default_factory=lambda: [str(i) for i in range(10)])
+    input_mean: list[float] = Field(default_factory=lambda: [0.0])  # per channel, pixels in [0, 1]
+    input_std: list[float] = Field(default_factory=lambda: [1.0])
+    blocks: list[BlockConfig] = Field(min_length=1)
+    # Prototype head (one per block), see ARCHITECTURE.md.
+    prototypes_per_class: int = Field(1, ge=1)  # P; class score is a soft max over its P prototypes
+    prototype_temperature: float = Field(0.1, gt=0.0)  # tau of the logsumexp over prototypes
+    init_scale: float = Field(10.0, gt=0.0)  # initial logit scale (learned in log space)
+    learn_scale: bool = True
+    margin: float = Field(0.0, ge=0.0, lt=1.0)  # additive cosine margin on the true class (train)
+    feature_pool: Literal["avg", "max"] = "avg"  # how a feature map becomes a vector
+    pool_grid: int = Field(1, ge=1)  # adaptive pool to grid x grid before flattening (1 = global)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        channels = self.input_shape[0]
+        if len(self.class_names) < 2:
+            raise ValueError("class_names needs at least 2 classes")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names must be unique")
+        for field in ("input_mean", "input_std"):
+            values = getattr(self, field)
+            if len(values) != channels:
+                raise ValueError(f"{field} has {len(values)} values, input has {channels} channels")
+        if any(s <= 0 for s in self.input_std):
+            raise ValueError("input_std values must be positive")
+        seen_linear = False
+        for i, block in enumerate(self.blocks, 1):
+            if block.kind == "linear":
+                seen_linear = True
+            elif seen_linear:
+                raise ValueError(f"block {i} is conv after a linear block")
+        return self
+
+
+# --- preset registry (timm-style): a preset is a dict of architecture arguments ---------------
+
+_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def register_preset(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Register `fn` under its name with '_' turned into '-'; a duplicate name is an error."""
+    name = fn.__name__.replace("_", "-")
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    _PRESETS[name] = fn
+    return fn
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _PRESETS if fnmatch.fnmatch(n, pattern))
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """Build the ModelConfig of preset `name`; `overrides` replace its fields (data shape, classes)."""
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset {name!r} (known: {', '.join(list_presets())})")
+    args = {"name": name, **_PRESETS[name](), **overrides}
+    return ModelConfig(**args)
+
+
+def _conv(width: int, layers: int = 1, downsample: str = "none", **kw: Any) -> dict[str, Any]:
+    return {"kind": "conv", "width": width, "layers": layers, "downsample": downsample, **kw}
+
+
+@register_preset
+def digits_cnn() -> dict[str, Any]:
+    """3 conv blocks for 1x8x8 digits: 8x8 -> 4x4 -> 2x2."""
+    return {
+        "blocks": [_conv(32), _conv(64, downsample="maxpool"), _conv(128, downsample="maxpool")],
+        "pool_grid": 2,
+    }
+
+
+@register_preset
+def cifar_cnn() -> dict[str, Any]:
+    """VGG-style stack of 5 conv blocks for 3x32x32: 32 -> 16 -> 8 -> 4 -> 2 -> 2."""
+    return {
+        "input_shape": (3, 32, 32),
+        "input_mean": [0.5, 0.5, 0.5],
+        "input_std": [0.25, 0.25, 0.25],
+        "blocks": [
+            _conv(64, downsample="maxpool"),
+            _conv(128, downsample="maxpool"),
+            _conv(256, layers=2, downsample="maxpool"),
+            _conv(256, layers=2, downsample="maxpool"),
+            _conv(512),
+        ],
+        "pool_grid": 2,
+    }
+
+
+@register_preset
+def mlp() -> dict[str, Any]:
+    """Three fully connected blocks (any input shape is flattened)."""
+    return {
+        "blocks": [
+            {"kind": "linear", "width": 256, "norm": "layer"},
+            {"kind": "linear", "width": 256, "norm": "layer"},
+            {"kind": "linear", "width": 256, "norm": "layer"},
+        ],
+    }
+
+
+@register_preset
+def test_tiny() -> dict[str, Any]:
+    """A few thousand parameters, for fast tests."""
+    return {"blocks": [_conv(4), _conv(8, downsample="maxpool")], "pool_grid": 1}
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One readable line from a pydantic error, for CLI messages."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)

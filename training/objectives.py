@@ -1,0 +1,107 @@
+"""Training objectives: how one batch updates a network, and how it scores a batch per block.
+
+An objective's `train_step` runs the forward pass, back-propagates its losses (the caller steps the
+optimizer) and returns per-block losses and correct counts; `block_scores` returns every block's
+class scores (logits for HFF) for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from model.checkpoint import RunConfig
+from training.losses import prototype_loss
+
+
+@dataclass
+class StepStats:
+    """Per-block sums over one batch (tensors, so the caller syncs with the device once)."""
+
+    loss: list[Tensor]  # mean loss of each block on the batch
+    correct: list[Tensor]  # correctly classified examples at each block
+
+
+class Objective(Protocol):
+    name: str
+
+    def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats: ...
+
+    def block_scores(self, model: nn.Module, x: Tensor) -> list[Tensor]: ...
+
+
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(dim=1) == y).sum()
+
+
+class HFFLocal:
+    """Greedy local learning: each block's loss is back-propagated as soon as the block has run.
+
+    The block's input is detached, so its graph is freed by its own backward pass before the next
+    block runs; peak memory stays near one block's activations.
+    """
+
+    name = "hff"
+
+    def __init__(self, margin: float = 0.0):
+        self.margin = margin
+
+    def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats:
+        h = model.input_norm(x)
+        losses, correct = [], []
+        for block in model.blocks:
+            h, logits = block(h.detach())
+            loss = prototype_loss(logits, y, block.head.scale, self.margin)
+            loss.backward()  # frees this block's graph now
+            losses.append(loss.detach())
+            correct.append(_correct(logits, y))
+        return StepStats(losses, correct)
+
+    def block_scores(self, model: nn.Module, x: Tensor) -> list[Tensor]:
+        return model(x, detach=True)
+
+
+class Backprop:
+    """End-to-end baseline: the last block's loss trains every block through the whole stack.
+
+    Earlier heads are trained as probes on detached features, so they report per-block accuracy
+    (and allow early exit) without sending any gradient into the backbone.
+    """
+
+    name = "backprop"
+
+    def __init__(self, margin: float = 0.0):
+        self.margin = margin
+
+    def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats:
+        h = model.input_norm(x)
+        losses, correct = [], []
+        last = len(model.blocks) - 1
+        for k, block in enumerate(model.blocks):
+            h = block.body(h)
+            logits = block.head(h if k == last else h.detach())
+            losses.append(prototype_loss(logits, y, block.head.scale, self.margin))
+            correct.append(_correct(logits, y))
+        torch.stack(losses).sum().backward()
+        return StepStats([loss.detach() for loss in losses], correct)
+
+    def block_scores(self, model: nn.Module, x: Tensor) -> list[Tensor]:
+        return model(x, detach=False)
+
+
+# name -> factory from the run config; FF objectives register here too.
+OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
+    "hff": lambda cfg: HFFLocal(margin=cfg.model.margin),
+    "backprop": lambda cfg: Backprop(margin=cfg.model.margin),
+}
+
+
+def make_objective(config: RunConfig) -> Objective:
+    name = config.train.get("objective", "hff")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name](config)
