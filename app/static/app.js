@@ -144,12 +144,17 @@
     $("meta-device").textContent = `${model.device || "?"}${eps ? ` (${eps})` : ""}`;
     $("model-meta").hidden = false;
 
+    // Start the switch where the service's own default is (HFF_EARLY_EXIT).
     const firstT = (ee.thresholds || []).find((t) => t !== null);
     if (typeof firstT === "number") setThreshold(firstT);
-    if (ee.default_mode === "off") {
-      document.querySelector('input[name="exit-mode"][value="off"]').checked = true;
-      syncExitControls();
+    let mode = "auto";
+    if (ee.default_mode === "off") mode = "off";
+    if (typeof ee.default_mode === "number") {
+      mode = "threshold";
+      setThreshold(ee.default_mode);
     }
+    document.querySelector(`input[name="exit-mode"][value="${mode}"]`).checked = true;
+    syncExitControls();
 
     const canvas = $("draw-canvas");
     canvas.width = state.W * state.scale;
