@@ -25,7 +25,8 @@
     strokes: [], // each stroke is a list of [x, y] in drawing-canvas pixels
     image: null, // uploaded image: {name, width, height, rgb: Float32Array (3, h, w)}
     instance: null, // nested [C][H][W] array: exactly what the next request sends
-    seq: 0,
+    seq: 0, // requests sent (and results cleared); only the newest answer is shown
+    shown: 0, // the seq whose answer is on screen
     retry: null, // what to run again once an API key is entered
     lastRequest: null,
   };
@@ -615,6 +616,7 @@
       if (seq !== state.seq) return; // a newer request is on its way
       showError("");
       renderPrediction(body.predictions[0], request.early_exit);
+      state.shown = seq;
     } catch (err) {
       if (seq === state.seq) handleFailure(err, predict);
     } finally {

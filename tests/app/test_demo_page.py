@@ -1,0 +1,337 @@
+"""The demo page in real headless Chromium against a real server: key, draw, predict, see blocks."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+API_KEY = "demo-page-test-key"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _missing_browser() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (it is in the `test` extra)"
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        return (f"{' and '.join(missing)} missing: apt-get install -y chromium chromium-driver "
+                "(.ci/run installs them)")
+    return None
+
+
+if (_reason := _missing_browser()) is not None:
+    pytest.skip(_reason, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def _run(args: list[str], what: str) -> None:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{what} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The bundled digits model, trained and exported by the real CLIs."""
+    base = tmp_path_factory.mktemp("demo")
+    _run(["-m", "training", "--out", str(base / "run"), "--no-progress"], "training")
+    _run(["-m", "model.export", str(base / "run"), "--out", str(base / "digits")], "export")
+    return base / "digits"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """`python -m app` on a free port, with an API key set, once it reports ready."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("demo-server") / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HFF_API_KEY": API_KEY, "HFF_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--model-dir", str(model_dir),
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready in 120 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.add_argument("--window-size=1280,1000")
+    # The driver path is given, so Selenium Manager has nothing to find; offline makes sure it
+    # never tries the network either.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _screenshot(driver, name: str) -> Path:
+    """A full-page PNG under test-artifacts/ (the viewport alone would cut the blocks off)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot",
+                                  {"format": "png", "captureBeyondViewport": True})
+    path = ARTIFACTS / name
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+def _wait(driver, seconds: float = 20) -> WebDriverWait:
+    return WebDriverWait(driver, seconds)
+
+
+def _open_with_key(driver, url: str) -> None:
+    """Open the page in a fresh tab state: it must ask for the key, then load the model."""
+    driver.get(url + "/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(url + "/")
+    key = _wait(driver).until(EC.visibility_of_element_located((By.ID, "api-key")))
+    key.send_keys(API_KEY, Keys.ENTER)
+    _wait(driver).until(EC.text_to_be_present_in_element((By.ID, "model-status"), "Ready"))
+    assert not driver.find_element(By.ID, "key-panel").is_displayed()
+
+
+def _predicted(driver, seq_before: int) -> dict:
+    """Wait for the answer to a request sent after `seq_before` and read what the page shows."""
+    _wait(driver).until(lambda d: d.execute_script(
+        "const s = window.hffDemo.state; return s.seq > arguments[0] && s.shown === s.seq;",
+        seq_before))
+    exit_el = driver.find_element(By.ID, "pred-exit")
+    return {
+        "class_name": driver.find_element(By.ID, "pred-class").text,
+        "exit_block": int(exit_el.get_attribute("data-exit-block")),
+        "exit_text": exit_el.text,
+        "charts": driver.find_elements(By.CSS_SELECTOR, "#blocks .block.ran .chart"),
+        "skipped": driver.find_elements(By.CSS_SELECTOR, "#blocks .block.skipped"),
+        "request": driver.execute_script("return window.hffDemo.state.lastRequest"),
+    }
+
+
+def _seq(driver) -> int:
+    return driver.execute_script("return window.hffDemo.state.seq")
+
+
+def _api_predict(url: str, body: dict) -> dict:
+    r = httpx.post(f"{url}/predict", json=body, headers={"X-API-Key": API_KEY}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0]
+
+
+def _stroke(driver, points: list[tuple[float, float]], steps: int = 6) -> None:
+    """One pointer stroke through `points` (fractions of the canvas from its centre)."""
+    canvas = driver.find_element(By.ID, "draw-canvas")
+    w, h = canvas.size["width"], canvas.size["height"]
+    path = [points[0]]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        path += [(x0 + (x1 - x0) * s / steps, y0 + (y1 - y0) * s / steps) for s in range(1, steps + 1)]
+    px = [(round(x * w), round(y * h)) for x, y in path]  # offsets from the centre, in CSS px
+    chain = ActionChains(driver, duration=5)
+    chain.move_to_element_with_offset(canvas, *px[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in zip(px, px[1:], strict=False):
+        chain.move_by_offset(x1 - x0, y1 - y0)
+    chain.release().perform()
+
+
+def _draw_zero(driver) -> None:
+    """An upright ellipse in one stroke."""
+    _stroke(driver, [(0.25 * math.sin(2 * math.pi * i / 32), -0.38 * math.cos(2 * math.pi * i / 32))
+                     for i in range(33)], steps=1)
+
+
+def _draw_seven(driver) -> None:
+    """Two strokes: the top bar, then the diagonal down from its right end."""
+    _stroke(driver, [(-0.25, -0.38), (0.25, -0.38)])
+    _stroke(driver, [(0.25, -0.38), (0.0, 0.05), (-0.08, 0.38)])
+
+
+def _check_blocks(shown: dict, num_blocks: int) -> None:
+    k = shown["exit_block"]
+    assert 1 <= k <= num_blocks
+    assert f"block {k} of {num_blocks}" in shown["exit_text"]
+    assert len(shown["charts"]) == k  # one bar chart per block that ran ...
+    assert len(shown["skipped"]) == num_blocks - k  # ... and the rest marked as not run
+    for chart in shown["charts"]:
+        assert len(chart.find_elements(By.CSS_SELECTOR, ".bar")) == 10
+
+
+def test_draw_a_digit_predict_and_see_each_block(server, browser):
+    _open_with_key(browser, server)
+    meta = httpx.get(f"{server}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
+    assert browser.find_element(By.ID, "meta-name").text == meta["name"]
+    assert browser.find_element(By.ID, "meta-blocks").text == str(meta["num_blocks"])
+    num_blocks = meta["num_blocks"]
+
+    browser.find_element(By.ID, "live-check").click()  # predict only when asked
+    _draw_zero(browser)
+    assert browser.find_elements(By.ID, "pred-class") == []  # nothing sent yet
+    before = _seq(browser)
+    browser.find_element(By.ID, "predict-btn").click()
+    shown = _predicted(browser, before)
+
+    sent = np.asarray(shown["request"]["instances"][0], dtype=np.float64)
+    assert sent.shape == (1, 8, 8)
+    assert sent.min() >= 0 and sent.max() <= 1
+    assert shown["request"]["return_blocks"] is True and shown["request"]["early_exit"] == "auto"
+    # A drawn ring: ink round the border of the frame, none in the middle.
+    assert sent[0, 3:5, 3:5].max() < 0.2 and sent[0, :, 1].max() > 0.5
+    assert shown["class_name"] == "0"
+    _check_blocks(shown, num_blocks)
+    # The page shows what the service answers for exactly the array the page sent.
+    direct = _api_predict(server, shown["request"])
+    assert (direct["class_name"], direct["exit_block"]) == (shown["class_name"], shown["exit_block"])
+    assert len(direct["blocks"]) == shown["exit_block"]
+    path = _screenshot(browser, "demo-page.png")
+    assert path.stat().st_size > 10_000
+
+    # Early exit off: every block runs and the last one answers.
+    browser.find_element(By.CSS_SELECTOR, 'input[name="exit-mode"][value="off"]').click()
+    shown = _predicted(browser, before + 1)
+    assert shown["request"]["early_exit"] == "off"
+    assert shown["exit_block"] == num_blocks
+    _check_blocks(shown, num_blocks)
+
+    # The lowest threshold the slider allows: every sample exits at block 1.
+    browser.find_element(By.CSS_SELECTOR, 'input[name="exit-mode"][value="threshold"]').click()
+    seq = _seq(browser)
+    _predicted(browser, seq - 1)
+    slider = browser.find_element(By.ID, "threshold-range")
+    slider.send_keys(Keys.HOME)
+    shown = _predicted(browser, seq)
+    assert shown["request"]["early_exit"] == {"threshold": 0.01}
+    assert shown["exit_block"] == 1
+    _check_blocks(shown, num_blocks)
+
+    # Clear, then a second digit drawn in two strokes, predicted after each stroke.
+    browser.find_element(By.ID, "clear-btn").click()
+    browser.find_element(By.CSS_SELECTOR, 'input[name="exit-mode"][value="auto"]').click()
+    browser.find_element(By.ID, "live-check").click()
+    seq = _seq(browser)
+    _draw_seven(browser)
+    shown = _predicted(browser, seq + 1)  # the first stroke's answer is superseded
+    assert shown["class_name"] == "7"
+    _check_blocks(shown, num_blocks)
+    _screenshot(browser, "demo-page-seven.png")
+
+
+def test_upload_a_digit_image(server, browser, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    meta = httpx.get(f"{server}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
+    # The first digits the served model gets right on its own (by the API, not the page).
+    index = next(i for i in range(len(digits.target))
+                 if _api_predict(server, {"instances": [(digits.images[i] / 16).tolist()]})["label"]
+                 == digits.target[i] and digits.target[i] != 0)
+    pixels = np.round(digits.images[index] / 16 * 255).astype(np.uint8)  # white ink on black
+    png = tmp_path / "digit.png"
+    Image.fromarray(pixels, mode="L").save(png)
+
+    _open_with_key(browser, server)
+    before = _seq(browser)
+    browser.find_element(By.ID, "file-input").send_keys(str(png))
+    shown = _predicted(browser, before)
+    assert not browser.find_element(By.ID, "invert-check").is_selected()  # black border: no invert
+    sent = np.asarray(shown["request"]["instances"][0])
+    np.testing.assert_allclose(sent[0], pixels / 255, atol=1e-3)  # an 8x8 image reaches the model as is
+    assert shown["class_name"] == meta["class_names"][digits.target[index]]
+    _check_blocks(shown, meta["num_blocks"])
+    assert "digit.png" in browser.find_element(By.ID, "source-note").text
+
+
+def test_phone_width_keyboard_and_labels(server, browser):
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        _open_with_key(browser, server)
+        _draw_zero(browser)
+        _predicted(browser, 0)
+        scroll, inner = browser.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert scroll <= inner, "the page scrolls sideways at phone width"
+        unlabelled = browser.execute_script(
+            "return [...document.querySelectorAll('input, button')]"
+            ".filter(e => !(e.labels && e.labels.length) && !e.textContent.trim()"
+            " && !e.getAttribute('aria-label')).map(e => e.id)")
+        assert unlabelled == []
+        _screenshot(browser, "demo-page-phone.png")
+        focused = set()
+        browser.execute_script("document.activeElement.blur()")
+        for _ in range(20):
+            ActionChains(browser).send_keys(Keys.TAB).perform()
+            active = browser.switch_to.active_element
+            focused.add(active.get_attribute("id") or active.get_attribute("value"))
+        assert {"clear-btn", "file-input", "predict-btn", "fit-check", "live-check",
+                "auto"} <= focused
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_the_page_is_open_without_the_key_but_the_api_is_not(server):
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert httpx.get(f"{server}/static/app.js").status_code == 200
+    r = httpx.get(f"{server}/v1/models")
+    assert r.status_code == 401 and "error" in r.json()
+    paths = httpx.get(f"{server}/openapi.json").json()["paths"]
+    assert "/" not in paths and "/predict" in paths
