@@ -129,8 +129,12 @@ def browser(tmp_path_factory):
 def _screenshot(driver, name: str) -> Path:
     """A full-page PNG under test-artifacts/ (the viewport alone would cut the blocks off)."""
     ARTIFACTS.mkdir(exist_ok=True)
+    # Captured beyond the viewport the page lays out without its scroll bar, at innerWidth.
+    width, height = driver.execute_script(
+        "return [window.innerWidth, document.documentElement.scrollHeight]")
+    clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
     shot = driver.execute_cdp_cmd("Page.captureScreenshot",
-                                  {"format": "png", "captureBeyondViewport": True})
+                                  {"format": "png", "captureBeyondViewport": True, "clip": clip})
     path = ARTIFACTS / name
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
@@ -271,6 +275,10 @@ def test_draw_a_digit_predict_and_see_each_block(server, browser):
     assert shown["class_name"] == "7"
     _check_blocks(shown, num_blocks)
     _screenshot(browser, "demo-page-seven.png")
+    # The only console error allowed is the 401 that made the page ask for the key.
+    errors = [e["message"] for e in browser.get_log("browser")
+              if e["level"] == "SEVERE" and "401" not in e["message"]]
+    assert errors == []
 
 
 def test_upload_a_digit_image(server, browser, tmp_path):
