@@ -728,6 +728,12 @@
     const ran = new Map((pred.blocks || []).map((b) => [b.block, b]));
     const list = $("blocks");
     list.replaceChildren();
+    if (!Array.isArray(pred.blocks)) {
+      list.append(el("li", { class: "block skipped" },
+        el("p", { class: "block-status" },
+          "This service does not return per-block probabilities (return_blocks).")));
+      return;
+    }
     for (let k = 1; k <= L; k++) {
       const b = ran.get(k);
       if (!b) {
@@ -745,7 +751,7 @@
   }
 
   // A handle for tests and for curious users in the console.
-  window.hffDemo = { state };
+  window.hffDemo = { state, areaResize };
 
   syncExitControls();
   loadModel();

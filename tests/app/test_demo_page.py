@@ -307,6 +307,24 @@ def test_upload_a_digit_image(server, browser, tmp_path):
     assert "digit.png" in browser.find_element(By.ID, "source-note").text
 
 
+def _area_reference(plane: np.ndarray, dst: tuple[int, int]) -> np.ndarray:
+    """Exact area averaging: repeat every pixel dst times, then average blocks of src pixels."""
+    (h0, w0), (h, w) = plane.shape, dst
+    fine = plane.repeat(h, axis=0).repeat(w, axis=1)  # (h0*h, w0*w): same image, finer grid
+    return fine.reshape(h, h0, w, w0).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize(("src", "dst"), [((37, 23), (8, 8)), ((64, 64), (8, 8)), ((5, 9), (7, 4))])
+def test_the_page_downsamples_by_exact_area_averaging(server, browser, src, dst):
+    browser.get(server + "/")
+    plane = np.random.default_rng(0).random(src, dtype=np.float32)  # (h0, w0)
+    got = browser.execute_script(
+        "return Array.from(window.hffDemo.areaResize(Float32Array.from(arguments[0]),"
+        " arguments[1], arguments[2], arguments[3], arguments[4]))",
+        plane.ravel().tolist(), *src, *dst)
+    np.testing.assert_allclose(np.reshape(got, dst), _area_reference(plane, dst), atol=1e-5)
+
+
 def test_phone_width_keyboard_and_labels(server, browser):
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
