@@ -203,9 +203,10 @@ def _draw_zero(driver) -> None:
 
 
 def _draw_seven(driver) -> None:
-    """Two strokes: the top bar, then the diagonal down from its right end."""
-    _stroke(driver, [(-0.25, -0.38), (0.25, -0.38)])
-    _stroke(driver, [(0.25, -0.38), (0.0, 0.05), (-0.08, 0.38)])
+    """Three strokes, the way many of the training 7s are written: top bar, stem, crossbar."""
+    _stroke(driver, [(-0.22, -0.38), (0.22, -0.38)])
+    _stroke(driver, [(0.22, -0.38), (0.02, 0.02), (-0.1, 0.38)])
+    _stroke(driver, [(-0.15, 0.02), (0.2, 0.02)])
 
 
 def _check_blocks(shown: dict, num_blocks: int) -> None:
@@ -265,13 +266,13 @@ def test_draw_a_digit_predict_and_see_each_block(server, browser):
     assert shown["exit_block"] == 1
     _check_blocks(shown, num_blocks)
 
-    # Clear, then a second digit drawn in two strokes, predicted after each stroke.
+    # Clear, then a second digit drawn in three strokes, predicted after each stroke.
     browser.find_element(By.ID, "clear-btn").click()
     browser.find_element(By.CSS_SELECTOR, 'input[name="exit-mode"][value="auto"]').click()
     browser.find_element(By.ID, "live-check").click()
     seq = _seq(browser)
     _draw_seven(browser)
-    shown = _predicted(browser, seq + 1)  # the first stroke's answer is superseded
+    shown = _predicted(browser, seq + 2)  # the earlier strokes' answers are superseded
     assert shown["class_name"] == "7"
     _check_blocks(shown, num_blocks)
     _screenshot(browser, "demo-page-seven.png")
