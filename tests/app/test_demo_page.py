@@ -144,12 +144,17 @@ def _wait(driver, seconds: float = 20) -> WebDriverWait:
     return WebDriverWait(driver, seconds)
 
 
-def _open_with_key(driver, url: str) -> None:
+def _open_with_key(driver, url: str, wrong_key_first: bool = False) -> None:
     """Open the page in a fresh tab state: it must ask for the key, then load the model."""
     driver.get(url + "/")
     driver.execute_script("sessionStorage.clear()")
     driver.get(url + "/")
     key = _wait(driver).until(EC.visibility_of_element_located((By.ID, "api-key")))
+    assert driver.switch_to.active_element == key  # focus moves to the question
+    if wrong_key_first:
+        key.send_keys("not-the-key", Keys.ENTER)
+        _wait(driver).until(EC.text_to_be_present_in_element((By.ID, "error"), "not accepted"))
+        key = _wait(driver).until(EC.visibility_of_element_located((By.ID, "api-key")))
     key.send_keys(API_KEY, Keys.ENTER)
     _wait(driver).until(EC.text_to_be_present_in_element((By.ID, "model-status"), "Ready"))
     assert not driver.find_element(By.ID, "key-panel").is_displayed()
@@ -220,7 +225,8 @@ def _check_blocks(shown: dict, num_blocks: int) -> None:
 
 
 def test_draw_a_digit_predict_and_see_each_block(server, browser):
-    _open_with_key(browser, server)
+    _open_with_key(browser, server, wrong_key_first=True)
+    assert not browser.find_element(By.ID, "error").is_displayed()
     meta = httpx.get(f"{server}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
     assert browser.find_element(By.ID, "meta-name").text == meta["name"]
     assert browser.find_element(By.ID, "meta-blocks").text == str(meta["num_blocks"])
