@@ -27,7 +27,13 @@ from torch import Tensor, nn
 
 from model import atomic
 from model.calibration import ExitStats, calibrate, evaluate, sweep
-from model.checkpoint import HELDOUT_FILE, CheckpointError, RunConfig, load_checkpoint
+from model.checkpoint import (
+    HELDOUT_FILE,
+    CheckpointError,
+    RunConfig,
+    load_checkpoint,
+    load_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -344,11 +350,12 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
     if not 0.0 <= epsilon < 1.0:
         raise ExportError(f"epsilon must be a fraction in [0, 1) (0.005 = 0.5 points), got {epsilon}")
     run_dir, out = Path(run_dir), Path(out)
-    config, net = load_checkpoint(run_dir)
-    cfg = config.model
+    cfg = load_config(run_dir).model
     if cfg.family != "hff":
         raise ExportError(f"{run_dir} holds a {cfg.family!r} network: only 'hff' networks have "
                           "per-block probabilities to export")
+    config, net = load_checkpoint(run_dir)
+    cfg = config.model
     heldout = load_heldout(run_dir, cfg.num_blocks, cfg.num_classes)
     _check_target(run_dir, out)
     tmp = _make_temp_dir(out)

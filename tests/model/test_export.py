@@ -236,6 +236,19 @@ def test_missing_heldout_probs_is_one_line(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_forward_forward_network_is_refused(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["family"] = "ff"
+    (run / "config.json").write_text(json.dumps(config))
+    assert export.main([str(run), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only 'hff' networks" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_unwritable_output_is_one_line(tiny_run, tmp_path, capsys):
     (tmp_path / "file").write_text("in the way")
     assert export.main([str(tiny_run), "--out", str(tmp_path / "file" / "m")]) == 2
