@@ -20,7 +20,11 @@ def plot_trade_off(curve: list[tuple[float | None, ExitStats]], early_exit: dict
     xs = [s.compute_fraction * 100 for _, s in curve]
     ys = [s.accuracy * 100 for _, s in curve]
     ax.plot(xs, ys, "o-", color="tab:blue", label="one threshold for every block")
+    last = None
     for (t, _), x, y in zip(curve, xs, ys, strict=True):
+        if (x, y) == last:  # thresholds that change nothing would print on top of each other
+            continue
+        last = (x, y)
         ax.annotate("never" if t is None else f"{t:g}", (x, y), fontsize=7,
                     textcoords="offset points", xytext=(3, -10))
     ax.plot([early_exit["compute_fraction"] * 100], [early_exit["expected_accuracy"] * 100], "*",
