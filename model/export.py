@@ -118,6 +118,8 @@ def block_macs(net: nn.Module, input_shape: tuple[int, ...]) -> list[int]:
 
     handles = [m.register_forward_hook(hook) for m in net.modules()
                if isinstance(m, nn.Conv2d | nn.Linear)]
+    was_training = net.training
+    net.eval()  # a batch of one through BatchNorm1d needs eval mode
     try:
         with torch.no_grad():
             h = net.input_norm(torch.zeros(1, *input_shape))
@@ -128,6 +130,7 @@ def block_macs(net: nn.Module, input_shape: tuple[int, ...]) -> list[int]:
     finally:
         for handle in handles:
             handle.remove()
+        net.train(was_training)
     return counts
 
 

@@ -82,9 +82,12 @@ def test_block_macs_follow_the_formula():
         3 * 3 * 32 * 64 * 8 * 8 + 64 * 4 * 10,  # the conv runs before the 2x2 max pool
         3 * 3 * 64 * 128 * 4 * 4 + 128 * 4 * 10,
     ]
-    mlp = HFFNet(preset_config("mlp", prototypes_per_class=2)).eval()
+    linear = [{"kind": "linear", "width": 256, "norm": "batch"}] * 3
+    # left in training mode: counting must not trip BatchNorm1d on its batch of one
+    mlp = HFFNet(preset_config("mlp", prototypes_per_class=2, blocks=linear))
     assert export.block_macs(mlp, (1, 8, 8)) == [
         64 * 256 + 256 * 20, 256 * 256 + 256 * 20, 256 * 256 + 256 * 20]
+    assert mlp.training
 
 
 @pytest.mark.parametrize("opset", ["17", "99"])
