@@ -90,6 +90,10 @@ def check_writable(out: Path) -> None:
 def prepare_new_run(args: argparse.Namespace, out: Path):
     if args.objective not in OBJECTIVES:
         raise CliError(f"unknown objective {args.objective!r} (known: {', '.join(OBJECTIVES)})")
+    try:
+        model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     data = load_dataset(args.dataset, args.data_dir)
     preset = args.preset or data.default_preset
     overrides = {
@@ -100,10 +104,6 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         overrides["margin"] = args.margin
     if args.prototypes_per_class is not None:
         overrides["prototypes_per_class"] = args.prototypes_per_class
-    try:
-        model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
-    except ValueError as e:
-        raise CliError(str(e)) from None
     if args.objective == "ff":
         overrides["family"] = "ff"
         overrides["ff"] = model_ff
