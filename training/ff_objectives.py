@@ -166,10 +166,11 @@ class FFObjective:
         """FF extras for metrics.json: the prediction's accuracy and the gradient attenuation R.
 
         R uses each block's hardest wrong label (that block's own margin m and the prior blocks'
-        margin P against the same label); `attenuated_fraction[d]` is the share with R < 0.01.
+        margin P against the same label); `attenuated_fraction[d]` is the share with R < 0.01,
+        `attenuation_median[d]` the median R (1 at block 1 and for block-local runs).
         """
         combined = torch.stack([scores[k] for k in self.score_blocks]).sum(0)
-        fractions = []
+        fractions, medians = [], []
         prior = torch.zeros_like(scores[0])
         for s in scores:
             hardest = s.scatter(1, targets.view(-1, 1), float("-inf")).argmax(1, keepdim=True)
@@ -177,8 +178,10 @@ class FFObjective:
             p = (prior.gather(1, targets.view(-1, 1)) - prior.gather(1, hardest)).squeeze(1)
             r = attenuation(m, p, self.gamma_for(p), self.cfg.alpha)
             fractions.append(float((r < ATTENUATED).float().mean()))
+            medians.append(float(r.median()))
             prior = prior + s
-        return {"final_accuracy": accuracy(combined, targets), "attenuated_fraction": fractions}
+        return {"final_accuracy": accuracy(combined, targets), "attenuated_fraction": fractions,
+                "attenuation_median": medians}
 
 
 def make_ff_objective(config: RunConfig) -> FFObjective:

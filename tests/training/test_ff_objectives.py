@@ -125,6 +125,7 @@ def test_attenuation_and_the_report_on_hand_made_scores() -> None:
     targets = torch.tensor([0, 1])
     report = objective(alpha=4.0, gamma=1.0).report([s1, s2], targets)
     assert report["attenuated_fraction"] == [0.0, 0.5]
+    assert report["attenuation_median"][0] == 1.0
     assert report["final_accuracy"] == pytest.approx(0.5)  # argmax of s1 + s2: [0, 0]
 
 
