@@ -50,9 +50,13 @@ def plot_separation(test: dict, path: str | Path, title: str = "") -> None:
     axes[1].set_ylim(0, 1.02)
     axes[1].set_title("accuracy from this block alone", fontsize=9)
     if panels == 3:
-        axes[2].bar(blocks, test["attenuated_fraction"], color="tab:red")
+        axes[2].bar(blocks, test["attenuated_fraction"], color="tab:red", label="share with R < 0.01")
+        if "attenuation_median" in test:
+            axes[2].plot(blocks, test["attenuation_median"], marker="o", color="black",
+                         label="median R")
         axes[2].set_ylim(0, 1.02)
-        axes[2].set_title("share of examples with R < 0.01", fontsize=9)
+        axes[2].set_title("gradient attenuation R (cumulative FF)", fontsize=9)
+        axes[2].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("block")
         ax.set_xticks(blocks)
