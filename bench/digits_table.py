@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 FF = ["--objective", "ff", "--preset", "digits-cnn"]
 VARIANTS: dict[str, list[str]] = {
