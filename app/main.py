@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -91,6 +92,10 @@ class DrainingServer(uvicorn.Server):
         if self.service.batcher is not None:
             self.service.batcher.close()
         super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured:
+            # uvicorn re-raises captured signals after shutdown; a drained SIGTERM exits 0 instead
+            captured.remove(sig)
 
 
 class OneLineParser(argparse.ArgumentParser):
