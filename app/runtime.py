@@ -77,6 +77,8 @@ class ModelRuntime:
         options.inter_op_num_threads = 1  # graphs run one at a time: never oversubscribe the cores
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads must not spin: the event loop needs those cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.full = self._session(self.manifest.full_graph, options, providers)
         self.stages = [self._session(s.file, options, providers) for s in self.manifest.stages]
         self.providers = self.full.get_providers()
