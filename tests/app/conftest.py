@@ -43,11 +43,17 @@ def digits_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_test_split() -> tuple[np.ndarray, np.ndarray]:
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The digits validation and test splits as (images (N, 1, 8, 8), labels)."""
     from training.data import load_dataset
 
-    images, labels = load_dataset("digits").test.tensors
-    return images.numpy(), labels.numpy()
+    data = load_dataset("digits")
+    return {name: tuple(t.numpy() for t in getattr(data, name).tensors) for name in ("val", "test")}
+
+
+@pytest.fixture(scope="session")
+def digits_test_split(digits_splits) -> tuple[np.ndarray, np.ndarray]:
+    return digits_splits["test"]
 
 
 def free_port() -> int:

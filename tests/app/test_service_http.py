@@ -87,22 +87,26 @@ def test_predictions_equal_direct_onnxruntime(client, ref, digits_test_split):
     assert [p["exit_block"] for p in mine["predictions"]] == want_blocks.tolist()
 
 
-def test_accuracy_over_http_equals_the_exporters(client, ref, digits_test_split):
-    x, y = digits_test_split
-    m = ref.manifest
-    results = {}
-    for mode in ("off", "auto"):
-        labels, blocks = [], []
-        for lo in range(0, len(x), 64):  # 64 instances, batches of 32: requests get split
-            preds = predict(client, x[lo:lo + 64], early_exit=mode)["predictions"]
-            labels += [p["label"] for p in preds]
-            blocks += [p["exit_block"] for p in preds]
-        results[mode] = (np.mean(np.array(labels) == y), np.mean(blocks))
-    assert results["off"][0] == pytest.approx(m["test_accuracy_per_block"][-1], abs=1e-9)
-    assert results["auto"][0] == pytest.approx(m["early_exit"]["test_accuracy"], abs=1e-9)
-    # early exit answers earlier on average and stays within the calibrated accuracy bound
-    assert results["auto"][1] < results["off"][1] == m["num_blocks"]
-    assert results["auto"][0] >= results["off"][0] - m["early_exit"]["epsilon"] - 1 / len(y)
+def test_accuracy_over_http_equals_the_exporters(client, ref, digits_splits):
+    m, ee = ref.manifest, ref.manifest["early_exit"]
+    acc, blocks = {}, {}
+    for split, (x, y) in digits_splits.items():
+        for mode in ("off", "auto"):
+            labels, exits = [], []
+            for lo in range(0, len(x), 64):  # 64 instances, batches of 32: requests get split
+                preds = predict(client, x[lo:lo + 64], early_exit=mode)["predictions"]
+                labels += [p["label"] for p in preds]
+                exits += [p["exit_block"] for p in preds]
+            acc[split, mode] = float(np.mean(np.array(labels) == y))
+            blocks[split, mode] = float(np.mean(exits))
+    assert acc["test", "off"] == pytest.approx(m["test_accuracy_per_block"][-1], abs=1e-9)
+    assert acc["test", "auto"] == pytest.approx(ee["test_accuracy"], abs=1e-9)
+    assert acc["val", "off"] == pytest.approx(ee["full_accuracy"], abs=1e-9)
+    assert acc["val", "auto"] == pytest.approx(ee["expected_accuracy"], abs=1e-9)
+    # early exit answers earlier on average and keeps the bound it was calibrated for (on val)
+    assert blocks["test", "auto"] < blocks["test", "off"] == m["num_blocks"]
+    assert blocks["val", "auto"] == pytest.approx(ee["mean_blocks"], abs=1e-9)
+    assert acc["val", "auto"] >= acc["val", "off"] - ee["epsilon"] - 1e-9
 
 
 def test_return_blocks_lists_every_block_that_ran(client, ref, digits_test_split):
