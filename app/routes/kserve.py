@@ -11,7 +11,13 @@ from pydantic import ValidationError
 from app.decoding import decode_tensor
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, describe_validation_errors, error_response
-from app.schemas import ErrorResponse, V2InferRequest, V2InferResponse, V2ModelMetadata
+from app.schemas import (
+    ErrorResponse,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    inline_refs,
+)
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[ApiKey])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -54,7 +60,12 @@ async def model_ready(name: str, service: ServiceDep):
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS)
+_INFER_BODY = {"required": True, "content": {"application/json": {
+    "schema": inline_refs(V2InferRequest.model_json_schema())}}}
+
+
+@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS,
+             openapi_extra={"requestBody": _INFER_BODY})
 async def infer(name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
     """Run inference on an FP32 tensor named `input` of shape [N, C, H, W]."""
     _check_name(service, name)

@@ -14,26 +14,9 @@ from starlette.datastructures import UploadFile
 from app.decoding import check_count, decode_image, decode_instances
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, describe_validation_errors
-from app.schemas import ErrorResponse, PredictRequest, PredictResponse
+from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
-
-def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its `$defs` inlined, to embed it in the OpenAPI document."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return walk(defs[ref.removeprefix("#/$defs/")])
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
-
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 429, 503, 504)}

@@ -246,6 +246,10 @@ MALFORMED = [
      "65 instances"),
     ("oversized body", "post", "/predict", {"json": {"instances": [GOOD] * 60, "pad": "x" * 300_000}},
      413, "larger than 262144 bytes"),
+    ("oversized chunked body", "post", "/predict", {"content": iter([b'{"instances": [' + b" " * 200_000,
+                                                                b" " * 200_000 + b"]}"]),
+                                                    "headers": {"content-type": "application/json"}},
+     413, "larger than 262144 bytes"),
     ("wrong content type", "post", "/predict", {"content": b"1,2,3", "headers":
                                                 {"content-type": "text/csv"}}, 415, "text/csv"),
     ("bad base64", "post", "/predict", {"json": {"instances": [{"b64": "%%%"}]}}, 400,
