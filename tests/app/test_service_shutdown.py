@@ -94,3 +94,22 @@ def test_sigterm_during_load_loses_no_accepted_request(digits_model_dir, digits_
     accepted, answered = map(int, re.search(r"(\d+) requests accepted, (\d+) answered", log).groups())
     assert accepted == answered == len(ok), log
     assert "Traceback" not in log, log
+
+
+def test_an_unexpected_error_is_a_generic_500_and_logged(digits_model_dir, caplog):
+    app = create_app(Settings(MODEL_DIR=digits_model_dir))
+
+    async def boom():
+        raise RuntimeError("secret internals")
+
+    app.add_api_route("/boom", boom)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get("/boom"), await c.post("/predict", json={"instances": [[[0.0] * 8] * 8]})
+
+    r, not_ready = asyncio.run(go())  # no lifespan ran: the model is not warmed up
+    assert r.status_code == 500 and r.json() == {"error": "internal server error (logged on the server)"}
+    assert "secret internals" in caplog.text
+    assert not_ready.status_code == 503 and "warming up" in not_ready.json()["error"]
