@@ -219,8 +219,9 @@ def main() -> int:
     p.add_argument("--cifar-random", type=Path, default=REPO / "models/cifar-random")
     p.add_argument("--digits", type=Path, default=REPO / "models/digits")
     p.add_argument("--cifar-trained", type=Path, default=REPO / "models/digits32")
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured time per repeat")
+    p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--client", choices=["raw", "httpx"], default="raw",
@@ -242,19 +243,29 @@ def main() -> int:
           f"{len(os.sched_getaffinity(0))} usable cores, load average "
           f"{os.getloadavg()[0]:.1f}; python {platform.python_version()}, onnxruntime "
           f"{ort.__version__}, {' '.join(sys.argv[1:]) or 'defaults'}")
-    rows: list[tuple] = []
+    def emit(model, setup, mode, conc, runs: list[dict], y=None):
+        """One table row: medians over the repeats; accuracy over every answer collected."""
+        tput = float(np.median([r["throughput"] for r in runs]))
+        p50 = float(np.median([r["p50"] for r in runs]))
+        p99 = float(np.median([r["p99"] for r in runs]))
+        a = b = ""
+        answers = {k: v for r in runs for k, v in r.get("answers", {}).items()}
+        if y is not None and answers:
+            idx = np.array(sorted(answers))
+            got = np.array([answers[i]["label"] for i in idx])
+            a = f"{(got == y[idx]).mean() * 100:.2f}% of {len(idx)}"
+            b = f"{np.mean([answers[i]['exit_block'] for i in idx]):.2f}"
+        spread = f"{min(r['throughput'] for r in runs):.0f}-{max(r['throughput'] for r in runs):.0f}"
+        print(f"| {model} | {setup} | {mode} | {conc} | {tput:.0f} ({spread}) | {p50:.2f} | "
+              f"{p99:.2f} | {a} | {b} |", flush=True)
+        errors = sum(r.get("errors", 0) for r in runs)
+        if errors:
+            print(f"#   the row above had {errors} answers other than 200", flush=True)
 
-    def emit(model, setup, mode, conc, r, acc=None, mean_block=None):
-        rows.append((model, setup, mode, conc, r["throughput"], r["p50"], r["p99"], acc, mean_block))
-        a = "" if acc is None else f"{acc * 100:.2f}%"
-        b = "" if mean_block is None else f"{mean_block:.2f}"
-        print(f"| {model} | {setup} | {mode} | {conc} | {r['throughput']:.0f} | {r['p50']:.2f} | "
-              f"{r['p99']:.2f} | {a} | {b} |", flush=True)
-        if r.get("errors"):
-            print(f"#   the row above had {r['errors']} answers other than 200", flush=True)
-
+    print(f"# medians of {args.repeats} interleaved repeats of {args.seconds:g} s each "
+          "(min-max throughput in brackets)")
     print("| model | server | early exit | concurrency | instances/s | p50 ms | p99 ms | "
-          "accuracy | mean exit block |")
+          "accuracy (test) | mean exit block |")
     print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     mb = args.max_batch_size
@@ -267,28 +278,31 @@ def main() -> int:
         else:
             x, y = test_images(manifest.get("dataset") or ("digits" if name == "digits" else "digits32"))
         label = f"{name} ({manifest.get('preset')})"
-        emit(label, f"onnxruntime in process, batch {mb}", "off", "-",
-             ceiling(model_dir, mb, shape, args.seconds))
-        modes = ["off"] if name == "cifar-random" else ["off", "auto"] + [str(args.threshold)]
+        modes = ["off"] if name == "cifar-random" else ["off", "auto", str(args.threshold)]
         payloads = {m: bodies(x, m) for m in modes}
-        setups = [("batching", mb), ("batching off", 1)] if name != "cifar-trained" else \
-            [("batching", mb)]
-        for setup, max_batch in setups:
-            server = Server(model_dir, max_batch_size=max_batch)
-            try:
-                for mode in modes if max_batch > 1 else ["off"]:
-                    for conc in args.concurrency:
-                        r = asyncio.run(load(server.url, payloads[mode], conc, args.seconds,
-                                             args.warmup, args.client))
-                        acc = mean_block = None
-                        if y is not None and r["answers"]:
-                            idx = np.array(sorted(r["answers"]))
-                            got = np.array([r["answers"][i]["label"] for i in idx])
-                            acc = float((got == y[idx]).mean())
-                            mean_block = float(np.mean([r["answers"][i]["exit_block"] for i in idx]))
-                        emit(label, f"{setup} (max batch {max_batch})", mode, conc, r, acc,
-                             mean_block)
-            finally:
+        # every server of a model is up at once and idle when not loaded, so the configurations
+        # can be interleaved: the machine's load drifts, the ratios between neighbours do not
+        servers = {"batching": Server(model_dir, max_batch_size=mb)}
+        if name != "cifar-trained":
+            servers["batching off"] = Server(model_dir, max_batch_size=1)
+        try:
+            configs = [(setup, mode) for setup in servers
+                       for mode in (modes if setup == "batching" else ["off"])]
+            ceilings = [ceiling(model_dir, mb, shape, args.seconds) for _ in range(args.repeats)]
+            emit(label, f"onnxruntime in process, batch {mb}", "off", "-", ceilings)
+            for conc in args.concurrency:
+                runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+                for _ in range(args.repeats):
+                    for setup, mode in configs:
+                        runs[setup, mode].append(asyncio.run(load(
+                            servers[setup].url, payloads[mode], conc, args.seconds, args.warmup,
+                            args.client)))
+                for setup, mode in configs:
+                    max_batch = mb if setup == "batching" else 1
+                    emit(label, f"{setup} (max batch {max_batch})", mode, conc, runs[setup, mode],
+                         y)
+        finally:
+            for server in servers.values():
                 server.close()
     return 0
 
