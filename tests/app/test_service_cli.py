@@ -49,3 +49,18 @@ def test_manifest_checks_name_the_file_and_field(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ModelDirError, match="not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_device_choice_falls_back_to_the_cpu_without_a_cuda_provider(monkeypatch, caplog):
+    from app import runtime
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CPU])
+    assert runtime.choose_providers("auto") == [runtime.CPU]
+    assert runtime.choose_providers("cuda") == [runtime.CPU]
+    assert "serving on the CPU" in caplog.text
+    offered = [runtime.CUDA, runtime.CPU]
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: offered)
+    assert runtime.choose_providers("auto") == offered
+    assert runtime.choose_providers("cpu") == [runtime.CPU]
+    assert runtime.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert runtime.batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
