@@ -5,7 +5,8 @@ Usage (make bench-serve prepares the model dirs):
         --cifar-trained models/digits32 [--seconds 5] [--concurrency 1 16 64]
 
 Rows, all in one invocation on this machine:
-  (a) onnxruntime in process, model.onnx at the server's max batch size (the ceiling);
+  (a) onnxruntime in process, model.onnx at the server's max batch size (the ceiling) and at
+      batch 1 (their ratio bounds what batching can gain on the machine);
   (b) the server with batching (max batch 64), (c) the same with batching off (max batch 1),
       both with early exit off, on the cifar-cnn preset (random weights) and on the digits model;
   (d) early exit off vs auto (the manifest's calibrated thresholds) vs one fixed threshold, with
@@ -288,8 +289,12 @@ def main() -> int:
         try:
             configs = [(setup, mode) for setup in servers
                        for mode in (modes if setup == "batching" else ["off"])]
-            ceilings = [ceiling(model_dir, mb, shape, args.seconds) for _ in range(args.repeats)]
-            emit(label, f"onnxruntime in process, batch {mb}", "off", "-", ceilings)
+            # the ceiling at the server's batch size, and at batch 1: their ratio bounds what
+            # any batching can gain on this machine
+            for batch in (mb, 1):
+                ceilings = [ceiling(model_dir, batch, shape, args.seconds)
+                            for _ in range(args.repeats)]
+                emit(label, f"onnxruntime in process, batch {batch}", "off", "-", ceilings)
             for conc in args.concurrency:
                 runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
                 for _ in range(args.repeats):
