@@ -191,18 +191,17 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
 
 
 def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float) -> dict:
-    """model.onnx in process at `batch` rows, with the server's thread settings."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
+    """model.onnx in process at `batch` rows, through the server's own runtime (same sessions,
+    threads and options; no HTTP, no queue)."""
+    from app.runtime import ModelRuntime
+
+    runtime = ModelRuntime(model_dir, device="cpu", max_batch_size=batch)
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     for _ in range(3):
-        session.run(None, {"input": x})
+        runtime.run_full(x)
     calls, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        session.run(None, {"input": x})
+        runtime.run_full(x)
         calls += 1
     per_call = (time.perf_counter() - t0) / calls
     return {"throughput": batch / per_call, "p50": per_call * 1000, "p99": float("nan")}
