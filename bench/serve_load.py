@@ -256,8 +256,9 @@ def main() -> int:
             a = f"{(got == y[idx]).mean() * 100:.2f}% of {len(idx)}"
             b = f"{np.mean([answers[i]['exit_block'] for i in idx]):.2f}"
         spread = f"{min(r['throughput'] for r in runs):.0f}-{max(r['throughput'] for r in runs):.0f}"
+        p99_text = "-" if np.isnan(p99) else f"{p99:.2f}"
         print(f"| {model} | {setup} | {mode} | {conc} | {tput:.0f} ({spread}) | {p50:.2f} | "
-              f"{p99:.2f} | {a} | {b} |", flush=True)
+              f"{p99_text} | {a} | {b} |", flush=True)
         errors = sum(r.get("errors", 0) for r in runs)
         if errors:
             print(f"#   the row above had {errors} answers other than 200", flush=True)
