@@ -1,5 +1,5 @@
-"""Fixtures for the service tests: a digits model dir from the real trainer and exporter, and
-real `python -m app` server processes on free ports."""
+"""Fixtures for the service tests: the digits run exported by the real exporter, and real
+`python -m app` server processes on free ports."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import run_module
+
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
 
@@ -26,20 +28,13 @@ def repo_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_module(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=repo_env(),
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"python -m {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-
-
 @pytest.fixture(scope="session")
-def digits_model_dir(tmp_path_factory) -> Path:
-    """The bundled digits model, briefly trained, exported with hff-export's code."""
-    root = tmp_path_factory.mktemp("service-digits")
-    run_module("training", "--epochs", "12", "--no-progress", "--out", str(root / "run"))
-    run_module("model.export", str(root / "run"), "--out", str(root / "digits"))
-    return root / "digits"
+def digits_model_dir(digits_run, tmp_path_factory) -> Path:
+    """The session's briefly trained digits run (tests/conftest.py), exported by hff-export."""
+    out = tmp_path_factory.mktemp("service-models") / "digits"
+    proc = run_module("model.export", str(digits_run), "--out", str(out), timeout=1200)
+    assert proc.returncode == 0, f"hff-export failed:\n{proc.stderr[-3000:]}"
+    return out
 
 
 @pytest.fixture(scope="session")
