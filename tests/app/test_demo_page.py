@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-API_KEY = "demo-page-test-key"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -50,61 +44,14 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-
-def _run(args: list[str], what: str) -> None:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+from tests.app.conftest import API_KEY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The bundled digits model, trained and exported by the real CLIs."""
-    base = tmp_path_factory.mktemp("demo")
-    _run(["-m", "training", "--out", str(base / "run"), "--no-progress"], "training")
-    _run(["-m", "model.export", str(base / "run"), "--out", str(base / "digits")], "export")
-    return base / "digits"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """`python -m app` on a free port, with an API key set, once it reports ready."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("demo-server") / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HFF_API_KEY": API_KEY, "HFF_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--model-dir", str(model_dir),
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def site(server) -> str:
+    """The service tests' server (the digits model from the real trainer and exporter, behind
+    an API key): its base URL."""
+    return server.url
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +171,10 @@ def _check_blocks(shown: dict, num_blocks: int) -> None:
         assert len(chart.find_elements(By.CSS_SELECTOR, ".bar")) == 10
 
 
-def test_draw_a_digit_predict_and_see_each_block(server, browser):
-    _open_with_key(browser, server, wrong_key_first=True)
+def test_draw_a_digit_predict_and_see_each_block(site, browser):
+    _open_with_key(browser, site, wrong_key_first=True)
     assert not browser.find_element(By.ID, "error").is_displayed()
-    meta = httpx.get(f"{server}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
+    meta = httpx.get(f"{site}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
     assert browser.find_element(By.ID, "meta-name").text == meta["name"]
     assert browser.find_element(By.ID, "meta-blocks").text == str(meta["num_blocks"])
     num_blocks = meta["num_blocks"]
@@ -248,7 +195,7 @@ def test_draw_a_digit_predict_and_see_each_block(server, browser):
     assert shown["class_name"] == "0"
     _check_blocks(shown, num_blocks)
     # The page shows what the service answers for exactly the array the page sent.
-    direct = _api_predict(server, shown["request"])
+    direct = _api_predict(site, shown["request"])
     assert (direct["class_name"], direct["exit_block"]) == (shown["class_name"], shown["exit_block"])
     assert len(direct["blocks"]) == shown["exit_block"]
     path = _screenshot(browser, "demo-page.png")
@@ -288,21 +235,21 @@ def test_draw_a_digit_predict_and_see_each_block(server, browser):
     assert errors == []
 
 
-def test_upload_a_digit_image(server, browser, tmp_path):
+def test_upload_a_digit_image(site, browser, tmp_path):
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    meta = httpx.get(f"{server}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
+    meta = httpx.get(f"{site}/v1/models", headers={"X-API-Key": API_KEY}).json()["models"][0]
     # The first digits the served model gets right on its own (by the API, not the page).
     index = next(i for i in range(len(digits.target))
-                 if _api_predict(server, {"instances": [(digits.images[i] / 16).tolist()]})["label"]
+                 if _api_predict(site, {"instances": [(digits.images[i] / 16).tolist()]})["label"]
                  == digits.target[i] and digits.target[i] != 0)
     pixels = np.round(digits.images[index] / 16 * 255).astype(np.uint8)  # white ink on black
     png = tmp_path / "digit.png"
     Image.fromarray(pixels, mode="L").save(png)
 
-    _open_with_key(browser, server)
+    _open_with_key(browser, site)
     before = _seq(browser)
     browser.find_element(By.ID, "file-input").send_keys(str(png))
     shown = _predicted(browser, before)
@@ -322,8 +269,8 @@ def _area_reference(plane: np.ndarray, dst: tuple[int, int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("src", "dst"), [((37, 23), (8, 8)), ((64, 64), (8, 8)), ((5, 9), (7, 4))])
-def test_the_page_downsamples_by_exact_area_averaging(server, browser, src, dst):
-    browser.get(server + "/")
+def test_the_page_downsamples_by_exact_area_averaging(site, browser, src, dst):
+    browser.get(site + "/")
     plane = np.random.default_rng(0).random(src, dtype=np.float32)  # (h0, w0)
     got = browser.execute_script(
         "return Array.from(window.hffDemo.areaResize(Float32Array.from(arguments[0]),"
@@ -332,11 +279,11 @@ def test_the_page_downsamples_by_exact_area_averaging(server, browser, src, dst)
     np.testing.assert_allclose(np.reshape(got, dst), _area_reference(plane, dst), atol=1e-5)
 
 
-def test_phone_width_keyboard_and_labels(server, browser):
+def test_phone_width_keyboard_and_labels(site, browser):
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
     try:
-        _open_with_key(browser, server)
+        _open_with_key(browser, site)
         _draw_zero(browser)
         _predicted(browser, 0)
         scroll, inner = browser.execute_script(
@@ -360,11 +307,11 @@ def test_phone_width_keyboard_and_labels(server, browser):
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-def test_the_page_is_open_without_the_key_but_the_api_is_not(server):
-    page = httpx.get(f"{server}/")
+def test_the_page_is_open_without_the_key_but_the_api_is_not(site):
+    page = httpx.get(f"{site}/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert httpx.get(f"{server}/static/app.js").status_code == 200
-    r = httpx.get(f"{server}/v1/models")
+    assert httpx.get(f"{site}/static/app.js").status_code == 200
+    r = httpx.get(f"{site}/v1/models")
     assert r.status_code == 401 and "error" in r.json()
-    paths = httpx.get(f"{server}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{site}/openapi.json").json()["paths"]
     assert "/" not in paths and "/predict" in paths
