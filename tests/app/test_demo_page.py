@@ -37,6 +37,7 @@ if (_reason := _missing_browser()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -109,9 +110,12 @@ def _open_with_key(driver, url: str, wrong_key_first: bool = False) -> None:
 
 def _predicted(driver, seq_before: int) -> dict:
     """Wait for the answer to a request sent after `seq_before` and read what the page shows."""
-    _wait(driver).until(lambda d: d.execute_script(
-        "const s = window.hffDemo.state; return s.seq > arguments[0] && s.shown === s.seq;",
-        seq_before))
+    try:
+        _wait(driver).until(lambda d: d.execute_script(
+            "const s = window.hffDemo.state; return s.seq > arguments[0] && s.shown === s.seq;",
+            seq_before))
+    except TimeoutException:
+        pytest.fail(f"no prediction shown; the page says: {driver.find_element(By.ID, 'error').text!r}")
     exit_el = driver.find_element(By.ID, "pred-exit")
     return {
         "class_name": driver.find_element(By.ID, "pred-class").text,
