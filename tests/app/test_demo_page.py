@@ -152,10 +152,30 @@ def _stroke(driver, points: list[tuple[float, float]], steps: int = 6) -> None:
     chain.release().perform()
 
 
+def _touch_stroke(driver, points: list[tuple[float, float]]) -> float:
+    """One finger stroke through `points` (fractions of the canvas from its centre); returns
+    how far the page scrolled meanwhile."""
+    driver.execute_script("document.getElementById('draw-canvas').scrollIntoView({block: 'center'})")
+    r = driver.execute_script("return document.getElementById('draw-canvas').getBoundingClientRect()")
+    cx, cy = r["left"] + r["width"] / 2, r["top"] + r["height"] / 2
+    px = [{"x": cx + x * r["width"], "y": cy + y * r["height"]} for x, y in points]
+    scrolled = driver.execute_script("return window.scrollY")
+    driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [px[0]]})
+    for p in px[1:]:
+        driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [p]})
+    driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    return driver.execute_script("return window.scrollY") - scrolled
+
+
+def _zero_points() -> list[tuple[float, float]]:
+    """An upright ellipse, clockwise from the top."""
+    return [(0.25 * math.sin(2 * math.pi * i / 32), -0.38 * math.cos(2 * math.pi * i / 32))
+            for i in range(33)]
+
+
 def _draw_zero(driver) -> None:
-    """An upright ellipse in one stroke."""
-    _stroke(driver, [(0.25 * math.sin(2 * math.pi * i / 32), -0.38 * math.cos(2 * math.pi * i / 32))
-                     for i in range(33)], steps=1)
+    """An upright ellipse in one mouse stroke."""
+    _stroke(driver, _zero_points(), steps=1)
 
 
 def _draw_seven(driver) -> None:
@@ -287,9 +307,12 @@ def test_phone_width_keyboard_and_labels(site, browser):
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
     try:
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled",
+                                {"enabled": True, "maxTouchPoints": 1})
         _open_with_key(browser, site)
-        _draw_zero(browser)
-        _predicted(browser, 0)
+        assert _touch_stroke(browser, _zero_points()) == 0  # a finger draws; the page stays put
+        assert browser.execute_script("return window.hffDemo.state.strokes.length") == 1
+        assert _predicted(browser, 0)["class_name"] == "0"
         scroll, inner = browser.execute_script(
             "return [document.documentElement.scrollWidth, window.innerWidth]")
         assert scroll <= inner, "the page scrolls sideways at phone width"
@@ -308,6 +331,7 @@ def test_phone_width_keyboard_and_labels(site, browser):
         assert {"clear-btn", "file-input", "predict-btn", "fit-check", "live-check",
                 "auto"} <= focused
     finally:
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
