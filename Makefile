@@ -8,7 +8,7 @@ RUN_DIR ?= runs/$(DATASET)
 MODEL_DIR ?= models/$(DATASET)
 PORT ?= 8000
 
-.PHONY: setup test lint train export serve clean
+.PHONY: setup test lint train export serve clean container-smoke
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ $(RUN_DIR)/metrics.json: | setup
 	$(BIN)/hff-train --dataset $(DATASET) --out $(RUN_DIR) $(if $(wildcard $(RUN_DIR)/train_state.pt),--resume,)
 
 train: $(RUN_DIR)/metrics.json
+
+# Opt-in, minutes: builds both images, `compose up`, predicts real digits, tears it all down.
+# Docker + Compose where a daemon answers, else podman + podman-compose (scripts/podman-setup.sh).
+container-smoke: setup
+	@docker info >/dev/null 2>&1 || $(BIN)/pip install --quiet -c constraints.txt -e ".[container]"
+	HFF_CONTAINER_SMOKE=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m container -s -v tests/test_container_smoke.py
 
 clean:
 	rm -rf runs models
