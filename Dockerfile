@@ -6,8 +6,10 @@
 #          docker build --target train -t hff-train .
 # GPU serving is the serve target on an NVIDIA CUDA runtime base with onnxruntime-gpu:
 #          docker build --target serve -t hff-serve-gpu \
-#            --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#            --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 \
 #            --build-arg SERVE_EXTRA=serve-gpu .
+#          The base's CUDA and cuDNN majors must be the ones onnxruntime-gpu was built for (PyPI's
+#          1.31: CUDA 13, cuDNN 9); the host needs the NVIDIA driver and Container Toolkit.
 # Build arguments:
 #   BASE_IMAGE       base of every stage; Debian bookworm-slim, or a CUDA runtime image for GPU
 #   SERVE_EXTRA      the pyproject extra the serve target installs: serve, or serve-gpu
@@ -39,11 +41,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# A venv in /opt/venv; the final stages copy it and leave pip and the apt packages behind.
+# A venv in /opt/venv; the serve image copies it and leaves pip and python3-venv behind.
 FROM runtime-base AS builder
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && python3 -m venv /opt/venv
 WORKDIR /src
 COPY constraints.txt ./
@@ -68,7 +70,10 @@ RUN pip install --no-cache-dir --no-deps . \
     && pip uninstall --yes pip setuptools \
     && rm -f /opt/venv/bin/hff-train /opt/venv/bin/hff-export
 
-FROM builder AS train-venv
+# ---- train: `hff-train`, `hff-export`, and the compose job `hff-train-default`. Built on the
+# builder itself (it keeps pip; size matters less here), so a source edit re-runs only the small
+# layers at the end instead of copying the 1.4 GB venv again.
+FROM builder AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_CERT
 COPY --from=requirements /src/train.txt requirements.txt
@@ -76,18 +81,12 @@ RUN --mount=type=bind,from=wheels,target=/run/wheels \
     pip install --no-cache-dir --find-links /run/wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -c constraints.txt -r requirements.txt
+COPY docker/train-default.sh /usr/local/bin/hff-train-default
 COPY pyproject.toml README.md ./
 COPY model model
 COPY training training
-# setuptools stays: torch imports it (cpp_extension, inductor).
 RUN pip install --no-cache-dir --no-deps . \
-    && pip uninstall --yes pip \
-    && rm -f /opt/venv/bin/hff-serve
-
-# ---- train: `hff-train`, `hff-export`, and the compose job `hff-train-default`
-FROM runtime-base AS train
-COPY --from=train-venv /opt/venv /opt/venv
-COPY docker/train-default.sh /usr/local/bin/hff-train-default
+    && rm -rf /src/build /opt/venv/bin/hff-serve
 USER hff
 WORKDIR /home/hff
 CMD ["hff-train", "--help"]
