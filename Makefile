@@ -31,6 +31,13 @@ $(RUN_DIR)/metrics.json: | setup
 
 train: $(RUN_DIR)/metrics.json
 
+# Export the run into the model dir when no manifest is there yet (idempotent; hff-export
+# verifies against torch and writes into a temp dir, so a failed export leaves nothing behind).
+$(MODEL_DIR)/manifest.json: | train
+	$(BIN)/hff-export $(RUN_DIR) --out $(MODEL_DIR)
+
+export: $(MODEL_DIR)/manifest.json
+
 # Opt-in, minutes: builds both images, `compose up`, predicts real digits, tears it all down.
 # Docker + Compose where a daemon answers, else podman + podman-compose (scripts/podman-setup.sh).
 container-smoke: setup
