@@ -10,7 +10,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from model.checkpoint import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, CheckpointError, load_config
+from model.checkpoint import (
+    CONFIG_FILE,
+    HELDOUT_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_config,
+)
 from model.config import format_validation_error, list_presets, preset_config
 from training.data import DataError, list_datasets, load_dataset
 from training.objectives import OBJECTIVES
@@ -113,7 +120,7 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         if not args.overwrite:
             raise CliError(f"{out} already holds a run: pass --resume to continue it or "
                            "--overwrite to start over")
-        for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE):
+        for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE, HELDOUT_FILE):
             (out / name).unlink(missing_ok=True)
     config = make_run_config(model_cfg, args.dataset, args.data_dir, args.seed, train_cfg)
     return config, data
