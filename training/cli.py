@@ -20,6 +20,7 @@ from model.checkpoint import (
 )
 from model.config import format_validation_error, list_presets, preset_config
 from training.data import DataError, list_datasets, load_dataset
+from training.ff_objectives import add_ff_arguments, ff_settings
 from training.objectives import OBJECTIVES
 from training.trainer import STATE_FILE, TrainConfig, Trainer, make_run_config
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last completed epoch")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ff_arguments(p)
     return p
 
 
@@ -95,6 +97,10 @@ def check_writable(out: Path) -> None:
 def prepare_new_run(args: argparse.Namespace, out: Path):
     if args.objective not in OBJECTIVES:
         raise CliError(f"unknown objective {args.objective!r} (known: {', '.join(OBJECTIVES)})")
+    try:
+        model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     data = load_dataset(args.dataset, args.data_dir)
     preset = args.preset or data.default_preset
     overrides = {
@@ -107,11 +113,13 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         overrides["prototypes_per_class"] = args.prototypes_per_class
     if args.objective == "ff":
         overrides["family"] = "ff"
+        overrides["ff"] = model_ff
     try:
         model_cfg = preset_config(preset, **overrides)
         train_cfg = TrainConfig(objective=args.objective, epochs=args.epochs,
                                 batch_size=args.batch_size, lr=args.lr,
-                                weight_decay=args.weight_decay, augment=not args.no_augment)
+                                weight_decay=args.weight_decay, augment=not args.no_augment,
+                                ff=train_ff or None)
     except KeyError as e:
         raise CliError(e.args[0]) from None
     except ValidationError as e:
@@ -154,6 +162,7 @@ def print_summary(metrics: dict, out: Path, wall_s: float) -> None:
     print(f"{'block':>5}  {'test acc':>8}  {'separation':>10}")
     for k, (acc, sep) in enumerate(zip(test["accuracy"], test["separation"], strict=True), 1):
         print(f"{k:>5}  {acc * 100:>7.2f}%  {sep:>10.3f}")
+    print(f"final test accuracy: {metrics['final_test_accuracy'] * 100:.2f}%")
     print(f"checkpoint: {out}")
 
 
