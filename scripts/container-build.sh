@@ -28,6 +28,10 @@ if [ "$engine" = podman ]; then
     # docker format: podman drops HEALTHCHECK from OCI-format images. Host network and the host's
     # CA bundle (mounted, never baked in) are what pip needs behind this project's proxies.
     args+=(--format docker --network host)
+    if ! podman image exists docker.io/library/debian:bookworm-slim; then
+        echo "container-build: no debian:bookworm-slim image yet; podman will try to pull it" \
+            "(without a registry, run scripts/podman-setup.sh first)" >&2
+    fi
     ca=/etc/ssl/certs/ca-certificates.crt
     if [ -f "$ca" ]; then
         args+=(-v "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
