@@ -14,7 +14,7 @@
 #   BASE_IMAGE       base of every stage; Debian bookworm-slim, or a CUDA runtime image for GPU
 #   SERVE_EXTRA      the pyproject extra the serve target installs: serve, or serve-gpu
 #   TORCH_INDEX_URL  extra pip index for torch in the train target; the default is PyTorch's CPU
-#                    index (PyPI's torch is the CUDA build); .../whl/cu128 selects CUDA 12.8;
+#                    index (PyPI's torch is the CUDA build); .../whl/cu130 selects CUDA 13.0;
 #                    empty = PyPI (and any local wheels, below) only
 #   MODEL_DIR        an exported model dir inside the build context to bake into serve at
 #                    /models/default (default: none; mount a volume on /models instead)
