@@ -280,7 +280,7 @@ def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray
             im = im.convert("RGB" if channels == 3 else "L")
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path} is not a readable image ({e})") from None
     return arr.reshape(size[0], size[1], channels).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
