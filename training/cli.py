@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (CliError, DataError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep its last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)

@@ -193,3 +193,24 @@ def test_cli_reports_a_missing_data_set_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_on_an_image_folder_and_reports_a_bad_image_from_a_worker(tmp_path):
+    write_image_tree(tmp_path / "train", ["a", "b"], per_class=6)
+    write_image_tree(tmp_path / "val", ["a", "b"], per_class=1)
+    cmd = [sys.executable, "-m", "training", "--dataset", "imagefolder", "--data-dir",
+           str(tmp_path), "--preset", "test-tiny", "--epochs", "1", "--no-progress",
+           "--num-workers", "1"]
+    ok = subprocess.run(cmd + ["--out", str(tmp_path / "ok")], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    config = (tmp_path / "ok" / "config.json").read_text()
+    assert '"class_names": [\n      "a",\n      "b"\n    ]' in config
+    assert '"input_shape": [\n      3,\n      8,\n      8\n    ]' in config  # the preset's size
+    (tmp_path / "val" / "b" / "0.png").write_bytes(b"not a png")  # decoded in a worker
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "0.png is not a readable image" in lines[0], bad.stderr[-2000:]
