@@ -196,7 +196,7 @@ def _array_splits(name: str, train_x, train_y, test_x, test_y, class_names, **kw
         input_shape=tuple(int(v) for v in train_x.shape[1:]),
         mean=mean,
         std=std,
-        info={"data_dir": None, "train": len(tr), "val": len(va), "test": len(test_y)},
+        info={"train": len(tr), "val": len(va), "test": len(test_y)},
         **kw,
     )
 
