@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def resolve_device(name: str) -> str:
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test.{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
