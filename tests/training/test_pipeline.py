@@ -87,7 +87,7 @@ def test_workers_do_not_change_the_run(tmp_path):
     data = load_dataset("digits")
     weights = []
     for workers in (0, 2):
-        trainer = _trainer(tmp_path / str(workers), data, num_workers=workers, epochs=2)
+        trainer = _trainer(tmp_path / str(workers), data, num_workers=workers, epochs=1)
         trainer.fit()
         weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     for name, tensor in weights[0].items():
