@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.config import preset_config
 from training.data import crop_flip_for, load_dataset, random_crop_flip
@@ -92,3 +93,28 @@ def test_workers_do_not_change_the_run(tmp_path):
         weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkeypatch):
+    """The CUDA path's bf16 autocast and channels-last layout, exercised on the CPU (no GPU in
+    CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain model."""
+    from model.checkpoint import load_checkpoint
+    from training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "autocast",
+                        lambda device: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(trainer_module, "to_device",
+                        lambda x, device: x.to(memory_format=torch.channels_last) if x.ndim == 4 else x)
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data)
+    trainer.model = trainer.model.to(memory_format=torch.channels_last)
+    metrics = trainer.fit()
+    conv = trainer.model.blocks[1].body[0].weight  # (8, 4, 3, 3): layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert 0.0 <= metrics["final_test_accuracy"] <= 1.0
+    _, model = load_checkpoint(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert tensor.is_contiguous() and tensor.device.type == "cpu", name
+        assert torch.equal(tensor, trainer.model.state_dict()[name].float()), name
+    heldout = load_file(str(tmp_path / "heldout_probs.safetensors"))
+    assert heldout["test_probs"].dtype == torch.float32
