@@ -95,6 +95,7 @@ def test_workers_do_not_change_the_run(tmp_path):
         assert torch.equal(tensor, weights[1][name]), name
 
 
+@pytest.mark.slow
 def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkeypatch):
     """The CUDA path's bf16 autocast and channels-last layout, exercised on the CPU (no GPU in
     CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain model."""
