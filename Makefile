@@ -31,5 +31,12 @@ $(RUN_DIR)/metrics.json: | setup
 
 train: $(RUN_DIR)/metrics.json
 
+# Export the run into the model dir when no manifest is there yet (idempotent; hff-export
+# verifies against torch and writes into a temp dir, so a failed export leaves nothing behind).
+$(MODEL_DIR)/manifest.json: | train
+	$(BIN)/hff-export $(RUN_DIR) --out $(MODEL_DIR)
+
+export: $(MODEL_DIR)/manifest.json
+
 clean:
 	rm -rf runs models
