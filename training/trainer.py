@@ -100,7 +100,7 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A generator seeded by (seed, epoch, stream): stream 0 shuffles, 1 + rank augments."""
+    """A generator seeded by (seed, epoch, stream): 0 in one process, 1 + rank under torchrun."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch + stream * 1_000_003)
 
 
@@ -232,18 +232,26 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
         self.model.train()
         rank = self.dist.rank
-        # Augmentation draws from its own generator in the main process (workers only decode):
-        # the sampler's generator is read ahead by worker prefetching, so sharing one would make
-        # the augmented batches depend on --num-workers.
-        aug_gen = epoch_generator(self.config.seed, epoch, 1 + rank)
         torch.manual_seed(self.config.seed * 100_003 + epoch + rank * 1_000_003)  # dropout etc.
+        # The sample order is fixed before the loader starts and augmentation draws in the main
+        # process (workers only decode), so the batches do not depend on --num-workers: a
+        # RandomSampler would let worker prefetching read the shared generator ahead.
         if self.dist.enabled:
             sampler = DistributedSampler(self.data.train, num_replicas=self.dist.world_size,
                                          rank=rank, shuffle=True, seed=self.config.seed)
             sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch), as in one process
-            loader_args: dict[str, Any] = {"sampler": sampler}
+            order: Any = sampler
+            aug_gen = epoch_generator(self.config.seed, epoch, 1 + rank)
         else:
-            loader_args = {"shuffle": True, "generator": epoch_generator(self.config.seed, epoch)}
+            aug_gen = epoch_generator(self.config.seed, epoch)
+            # Same draws, in the same order, as the DataLoader(shuffle=True, generator=gen) of
+            # earlier versions (its worker base seed, then the permutation; see below for the
+            # last batch), so runs and checkpoints of earlier versions are reproduced exactly.
+            torch.empty((), dtype=torch.int64).random_(generator=aug_gen)
+            order = torch.randperm(len(self.data.train), generator=aug_gen).tolist()
+        n = len(self.data.train)
+        last_batch = len(order) // self.rank_batch if len(order) % self.rank_batch else -1
+        loader_args: dict[str, Any] = {"sampler": order, "generator": torch.Generator()}
         loader = DataLoader(self.data.train, batch_size=self.rank_batch, drop_last=False,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             **loader_args)
@@ -253,7 +261,11 @@ class Trainer:
         seen = torch.zeros((), device=self.device)
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.train_cfg.epochs}", leave=False,
                    disable=not self.progress, unit="batch")
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
+            if i == last_batch and not self.dist.enabled:
+                # RandomSampler drew a second permutation on running out, just before it handed
+                # over a short last batch: draw it here too, to keep the earlier versions' stream.
+                torch.randperm(n, generator=aug_gen)
             if self.train_cfg.augment and self.data.augment is not None:
                 x = self.data.augment(x, aug_gen)
             x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
