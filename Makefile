@@ -8,7 +8,7 @@ RUN_DIR ?= runs/$(DATASET)
 MODEL_DIR ?= models/$(DATASET)
 PORT ?= 8000
 
-.PHONY: setup test lint train export serve clean
+.PHONY: setup test lint train export serve bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,25 @@ $(MODEL_DIR)/manifest.json: | train
 	$(BIN)/hff-export $(RUN_DIR) --out $(MODEL_DIR)
 
 export: $(MODEL_DIR)/manifest.json
+
+# The whole product: set-up, train and export the bundled default when missing, then serve it.
+# A model dir that is already there is served as it is (no run needed).
+serve: setup $(if $(wildcard $(MODEL_DIR)/manifest.json),,$(MODEL_DIR)/manifest.json)
+	$(BIN)/hff-serve --model-dir $(MODEL_DIR) --port $(PORT)
+
+# The serving load benchmark: digits, cifar-cnn with random weights (made by the bench) and
+# cifar-cnn trained briefly on digits32 (for early exit), each trained/exported only when missing.
+BENCH_EPOCHS ?= 8
+runs/digits32/metrics.json: | setup
+	$(BIN)/hff-train --dataset digits32 --epochs $(BENCH_EPOCHS) --out runs/digits32 --no-progress
+
+models/digits32/manifest.json: | runs/digits32/metrics.json
+	$(BIN)/hff-export runs/digits32 --out models/digits32
+
+bench-serve: setup $(if $(wildcard models/digits/manifest.json),,models/digits/manifest.json) \
+		$(if $(wildcard models/digits32/manifest.json),,models/digits32/manifest.json)
+	$(BIN)/python bench/serve_load.py --digits models/digits --cifar-trained models/digits32 \
+		--cifar-random models/cifar-random
 
 clean:
 	rm -rf runs models

@@ -28,6 +28,24 @@ class BlockConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout at the end of the block
 
 
+class FFConfig(BaseModel):
+    """Forward-Forward settings (family "ff" only): label embedding, goodness and inference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How the candidate label enters the input. "overlay": the first C values of the flattened
+    # (normalised) input are replaced by a one-hot times `label_scale` (Hinton's MNIST form).
+    # "concat": the one-hot is appended: as C extra features for a linear first block, as C
+    # constant one-hot planes (extra input channels) for a conv first block.
+    label_embedding: Literal["overlay", "concat"] = "concat"
+    label_scale: float = Field(1.0, gt=0.0)  # value of the hot entry of the one-hot
+    goodness: Literal["sum", "mean"] = "mean"  # of squared activations over a block's output
+    threshold: float = Field(2.0, ge=0.0)  # theta of Hinton's loss softplus(-(G_pos-theta)) ...
+    # 1-based blocks whose goodness is summed at inference (None: every block). Hinton skips
+    # block 1 when there are several.
+    score_blocks: list[int] | None = None
+
+
 class ModelConfig(BaseModel):
     """Everything needed to build an HFF (or FF) network."""
 
@@ -48,6 +66,7 @@ class ModelConfig(BaseModel):
     margin: float = Field(0.0, ge=0.0, lt=1.0)  # additive cosine margin on the true class (train)
     feature_pool: Literal["avg", "max"] = "avg"  # how a feature map becomes a vector
     pool_grid: int = Field(1, ge=1)  # adaptive pool to grid x grid before flattening (1 = global)
+    ff: FFConfig | None = None  # Forward-Forward settings; family "ff" uses FFConfig() when None
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +95,20 @@ class ModelConfig(BaseModel):
                 seen_linear = True
             elif seen_linear:
                 raise ValueError(f"block {i} is conv after a linear block")
+        if self.family == "ff" and self.ff is None:
+            self.ff = FFConfig()  # recorded in config.json, so the defaults never drift silently
+        if self.ff is not None:
+            if self.family != "ff":
+                raise ValueError("ff settings are given but family is not 'ff'")
+            bad = [k for k in self.ff.score_blocks or [] if not 1 <= k <= len(self.blocks)]
+            if bad:
+                raise ValueError(f"ff.score_blocks {bad} outside 1..{len(self.blocks)}")
+            if self.ff.score_blocks is not None and not self.ff.score_blocks:
+                raise ValueError("ff.score_blocks is empty: name at least one block")
+            if self.ff.label_embedding == "overlay":
+                size = channels * self.input_shape[1] * self.input_shape[2]
+                if size < self.num_classes:
+                    raise ValueError(f"overlay needs {self.num_classes} input values, input has {size}")
         return self
 
 
@@ -179,6 +212,12 @@ def mlp() -> dict[str, Any]:
             {"kind": "linear", "width": 256, "norm": "layer"},
         ],
     }
+
+
+@register_preset
+def ff_mlp() -> dict[str, Any]:
+    """Forward-Forward MLP: three linear blocks without norm layers (FF normalises between blocks)."""
+    return {"blocks": [{"kind": "linear", "width": 256, "norm": "none"} for _ in range(3)]}
 
 
 @register_preset

@@ -11,10 +11,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from model.checkpoint import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, CheckpointError, load_config
+from model.checkpoint import (
+    CONFIG_FILE,
+    HELDOUT_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_config,
+)
 from model.config import format_validation_error, list_presets, preset_config
 from training import distributed
 from training.data import DataError, list_datasets, load_dataset
+from training.ff_objectives import add_ff_arguments, ff_settings
 from training.objectives import OBJECTIVES
 from training.trainer import STATE_FILE, TrainConfig, Trainer, make_run_config
 
@@ -57,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes that decode images (0: in the main process)")
+    add_ff_arguments(p)
     return p
 
 
@@ -92,6 +101,10 @@ def check_writable(out: Path) -> None:
 def prepare_new_run(args: argparse.Namespace, out: Path):
     if args.objective not in OBJECTIVES:
         raise CliError(f"unknown objective {args.objective!r} (known: {', '.join(OBJECTIVES)})")
+    try:
+        model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     try:  # sources of any size (image folders) are resized to the preset's input size
         image_size = preset_config(args.preset).input_shape[1:] if args.preset else None
     except KeyError as e:
@@ -108,11 +121,13 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         overrides["prototypes_per_class"] = args.prototypes_per_class
     if args.objective == "ff":
         overrides["family"] = "ff"
+        overrides["ff"] = model_ff
     try:
         model_cfg = preset_config(preset, **overrides)
         train_cfg = TrainConfig(objective=args.objective, epochs=args.epochs,
                                 batch_size=args.batch_size, lr=args.lr,
-                                weight_decay=args.weight_decay, augment=not args.no_augment)
+                                weight_decay=args.weight_decay, augment=not args.no_augment,
+                                ff=train_ff or None)
     except KeyError as e:
         raise CliError(e.args[0]) from None
     except ValidationError as e:
@@ -122,7 +137,7 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
             raise CliError(f"{out} already holds a run: pass --resume to continue it or "
                            "--overwrite to start over")
         if distributed.env_info().is_main:
-            for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE):
+            for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE, HELDOUT_FILE):
                 (out / name).unlink(missing_ok=True)
     config = make_run_config(model_cfg, args.dataset, args.data_dir, args.seed, train_cfg)
     return config, data
@@ -167,6 +182,7 @@ def print_summary(metrics: dict, out: Path, wall_s: float) -> None:
     print(f"{'block':>5}  {'test acc':>8}  {'separation':>10}")
     for k, (acc, sep) in enumerate(zip(test["accuracy"], test["separation"], strict=True), 1):
         print(f"{k:>5}  {acc * 100:>7.2f}%  {sep:>10.3f}")
+    print(f"final test accuracy: {metrics['final_test_accuracy'] * 100:.2f}%")
     print(f"checkpoint: {out}")
 
 

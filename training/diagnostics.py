@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,10 +24,20 @@ def accuracy(scores: Tensor, targets: Tensor) -> float:
     return float((scores.argmax(dim=1) == targets).float().mean())
 
 
-def block_report(block_scores: list[Tensor], targets: Tensor) -> dict[str, list[float]]:
-    """Accuracy, separation and cross-entropy of every block's scores."""
+def block_report(block_scores: list[Tensor], targets: Tensor,
+                 loss_fn: Callable[[list[Tensor], Tensor], list[float]] | None = None,
+                 ) -> dict[str, list[float]]:
+    """Accuracy, separation and loss of every block's scores.
+
+    The loss is cross-entropy over the scores (HFF logits) unless the objective brings its own
+    (`loss_fn`: FF goodness is no logit, its loss is the objective's).
+    """
+    if loss_fn is None:
+        losses = [float(torch.nn.functional.cross_entropy(s, targets)) for s in block_scores]
+    else:
+        losses = loss_fn(block_scores, targets)
     return {
         "accuracy": [accuracy(s, targets) for s in block_scores],
         "separation": [separation(s, targets) for s in block_scores],
-        "loss": [float(torch.nn.functional.cross_entropy(s, targets)) for s in block_scores],
+        "loss": losses,
     }

@@ -93,10 +93,17 @@ class Backprop:
         return model(x, detach=False)
 
 
-# name -> factory from the run config; FF objectives register here too.
+def _ff(config: RunConfig) -> Objective:
+    from training.ff_objectives import make_ff_objective  # imports this module: no cycle at load
+
+    return make_ff_objective(config)
+
+
+# name -> factory from the run config.
 OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
     "hff": lambda cfg: HFFLocal(margin=cfg.model.margin),
     "backprop": lambda cfg: Backprop(margin=cfg.model.margin),
+    "ff": _ff,
 }
 
 

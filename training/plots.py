@@ -31,3 +31,37 @@ def plot_curves(history: Sequence, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     atomic.write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_separation(test: dict, path: str | Path, title: str = "") -> None:
+    """Per-block test separation and accuracy; for FF also the share of examples with R < 0.01."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(range(1, len(test["separation"]) + 1))
+    panels = 3 if "attenuated_fraction" in test else 2
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4))
+    axes[0].bar(blocks, test["separation"], color="tab:blue")
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set_title("separation: true - hardest other", fontsize=9)
+    axes[1].plot(blocks, test["accuracy"], marker="o", color="tab:green")
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_title("accuracy from this block alone", fontsize=9)
+    if panels == 3:
+        axes[2].bar(blocks, test["attenuated_fraction"], color="tab:red", label="share with R < 0.01")
+        if "attenuation_median" in test:
+            axes[2].plot(blocks, test["attenuation_median"], marker="o", color="black",
+                         label="median R")
+        axes[2].set_ylim(0, 1.02)
+        axes[2].set_title("gradient attenuation R (cumulative FF)", fontsize=9)
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("block")
+        ax.set_xticks(blocks)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic.write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)

@@ -46,6 +46,7 @@ from training import distributed
 from training.data import DataSplits
 from training.diagnostics import block_report
 from training.distributed import SINGLE, DistInfo
+from training.ff_objectives import FFTrainConfig
 from training.objectives import Objective, make_objective
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"  # optimizer + schedule + history; loaded with weights_only=True
 CSV_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
+SEPARATION_FILE = "separation.png"  # per-block test separation and accuracy (R for cumulative FF)
 
 
 class TrainConfig(BaseModel):
@@ -68,6 +70,7 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine decay to zero
     augment: bool = True  # the data set's training augmentation
     eval_batch_size: int = Field(512, ge=1)
+    ff: FFTrainConfig | None = None  # Forward-Forward loss, gamma and remedy (objective ff)
 
 
 class EpochRecord(BaseModel):
@@ -287,7 +290,8 @@ class Trainer:
         scores, labels = predict_blocks(self.objective, self.model, split,
                                         self.train_cfg.eval_batch_size, self.device,
                                         num_workers=self.num_workers, info=self.dist)
-        return block_report(scores, labels), scores, labels
+        loss_fn = getattr(self.objective, "score_loss", None)  # FF reports its own loss
+        return block_report(scores, labels, loss_fn), scores, labels
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate and write the final artifacts."""
@@ -312,6 +316,8 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         val, val_scores, val_labels = self.evaluate(self.data.val)
         test, test_scores, test_labels = self.evaluate(self.data.test)
+        if hasattr(self.objective, "report"):  # FF: combined prediction, gradient attenuation
+            test.update(self.objective.report(test_scores, test_labels))
         metrics = {
             "objective": self.train_cfg.objective,
             "dataset": self.config.dataset,
@@ -320,7 +326,7 @@ class Trainer:
             "epochs": len(self.history),
             "train_time_s": round(self.elapsed_s, 3),
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "final_test_accuracy": test["accuracy"][-1],
+            "final_test_accuracy": test.get("final_accuracy", test["accuracy"][-1]),
             "world_size": self.dist.world_size,
             "test": test,
             "val": val,
@@ -337,10 +343,11 @@ class Trainer:
             return metrics
         atomic.write_with(self.out / HELDOUT_FILE, lambda p: save_file(heldout, str(p)))
         atomic.write_json(self.out / METRICS_FILE, metrics)
-        from training.plots import plot_curves
+        from training.plots import plot_curves, plot_separation
 
-        plot_curves(self.history, self.out / CURVES_FILE, title=f"{self.config.model.name} "
-                    f"on {self.config.dataset} ({self.train_cfg.objective})")
+        title = f"{self.config.model.name} on {self.config.dataset} ({self.train_cfg.objective})"
+        plot_curves(self.history, self.out / CURVES_FILE, title=title)
+        plot_separation(test, self.out / SEPARATION_FILE, title=title)
         return metrics
 
 

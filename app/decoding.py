@@ -1,0 +1,162 @@
+"""Client inputs to model rows: nested number arrays, base64 PNG/JPEG and uploaded image files.
+
+Every refusal is a ClientError whose message names the instance and what was expected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import ClientError
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+IMAGE_FORMATS = ["PNG", "JPEG"]
+
+
+class InputSpec:
+    """What one row must look like: (C, H, W) float32 with values in [lo, hi]."""
+
+    def __init__(self, shape: tuple[int, int, int] | list[int], value_range: list[float]):
+        c, h, w = shape
+        self.shape = (c, h, w)
+        self.lo, self.hi = float(value_range[0]), float(value_range[1])
+
+    def accepted_shapes(self) -> str:
+        c, h, w = self.shape
+        return f"[{c}, {h}, {w}]" + (f" or [{h}, {w}]" if c == 1 else "")
+
+
+def decode_array(value: Any, where: str, spec: InputSpec) -> np.ndarray:
+    """A nested list of numbers of the input shape (2-D for 1-channel models) -> (C, H, W)."""
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError):
+        raise ClientError(422, f"{where} is not a rectangular array: its rows have different "
+                               f"lengths (expected shape {spec.accepted_shapes()})") from None
+    if arr.dtype.kind not in "iuf":
+        kind = "strings" if arr.dtype.kind in "US" else "values that are not numbers"
+        if arr.dtype == object:
+            kind = "nested lists of different lengths or values that are not numbers"
+        raise ClientError(422, f"{where} holds {kind}; expected numbers in an array of shape "
+                               f"{spec.accepted_shapes()}")
+    c, h, w = spec.shape
+    if arr.shape == (h, w) and c == 1:
+        arr = arr[None]  # (H, W) -> (1, H, W)
+    if arr.shape != spec.shape:
+        raise ClientError(422, f"{where} has shape {list(arr.shape)}, expected "
+                               f"{spec.accepted_shapes()}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ClientError(422, f"{where} contains NaN or infinity; only finite numbers are allowed")
+    if arr.min() < spec.lo or arr.max() > spec.hi:
+        raise ClientError(422, f"{where} has values in [{arr.min():g}, {arr.max():g}], expected "
+                               f"pixels in [{spec.lo:g}, {spec.hi:g}] (scale 0-255 images by 1/255)")
+    return arr
+
+
+def decode_image(data: bytes, where: str, spec: InputSpec) -> np.ndarray:
+    """PNG or JPEG bytes -> (C, H, W) in [0, 1], converted to the model's channels and size."""
+    if not data:
+        raise ClientError(400, f"{where} is empty: expected a PNG or JPEG image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise ClientError(415, f"{where} is not a PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ClientError(413, f"{where} is too large an image (decompression bomb?); the limit "
+                               f"is {MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ClientError(400, f"{where} is a corrupt image ({e})") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ClientError(413, f"{where} is {width}x{height} pixels, more than the limit of "
+                                   f"{MAX_IMAGE_PIXELS} (decompression bomb?)")
+        try:
+            image.load()  # decodes now: truncated files fail here, not later
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ClientError(400, f"{where} is a truncated or corrupt {image.format} image "
+                                   f"({e})") from None
+        c, h, w = spec.shape
+        mode = "L" if c == 1 else "RGB"
+        if c not in (1, 3):
+            raise ClientError(415, f"{where}: images cannot feed a {c}-channel model; send arrays")
+        converted = image.convert(mode)
+        if converted.size != (w, h):
+            converted = converted.resize((w, h), Image.Resampling.BILINEAR)
+        arr = np.asarray(converted, dtype=np.float32) / 255.0
+    # (H, W) -> (1, H, W), or (H, W, 3) -> (3, H, W)
+    arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr * (spec.hi - spec.lo) + spec.lo)
+
+
+def decode_b64(value: Any, where: str, spec: InputSpec) -> np.ndarray:
+    if not isinstance(value, str):
+        raise ClientError(422, f"{where}.b64 must be a base64 string, got {type(value).__name__}")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, f"{where}.b64 is not valid base64") from None
+    return decode_image(data, f"{where}.b64", spec)
+
+
+def decode_instance(value: Any, where: str, spec: InputSpec) -> np.ndarray:
+    if isinstance(value, dict):
+        if set(value) != {"b64"}:
+            raise ClientError(422, f"{where} is an object with keys {sorted(value)}; the only "
+                                   'object form is {"b64": "<base64 PNG or JPEG>"}')
+        return decode_b64(value["b64"], where, spec)
+    if isinstance(value, list):
+        return decode_array(value, where, spec)
+    raise ClientError(422, f"{where} is a {type(value).__name__}; expected a nested number array "
+                           f"of shape {spec.accepted_shapes()} or {{\"b64\": ...}}")
+
+
+def check_count(n: int, max_instances: int, what: str = "instances") -> None:
+    if n == 0:
+        raise ClientError(422, f"{what} is empty: send at least one instance")
+    if n > max_instances:
+        raise ClientError(413, f"{n} {what} in one request, the limit is {max_instances}")
+
+
+def decode_instances(values: list[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
+    """The request's instances as one (N, C, H, W) float32 array, in request order."""
+    check_count(len(values), max_instances)
+    rows = [decode_instance(v, f"instances[{i}]", spec) for i, v in enumerate(values)]
+    return np.stack(rows)  # N x (C, H, W) -> (N, C, H, W)
+
+
+def decode_tensor(data: Any, shape: list[int], where: str, spec: InputSpec,
+                  max_instances: int) -> np.ndarray:
+    """A KServe v2 FP32 tensor (flat or nested `data` plus `shape`) -> (N, C, H, W)."""
+    c, h, w = spec.shape
+    if len(shape) == 3 and c == 1 and shape[1:] == [h, w]:
+        shape = [shape[0], 1, h, w]  # (N, H, W) -> (N, 1, H, W) for 1-channel models
+    if len(shape) != 4 or shape[1:] != [c, h, w]:
+        raise ClientError(422, f"{where}.shape is {shape}, expected [N, {c}, {h}, {w}]")
+    check_count(shape[0], max_instances, f"{where} batch")
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError):
+        raise ClientError(422, f"{where}.data is not a rectangular array") from None
+    if arr.dtype.kind not in "iuf":
+        raise ClientError(422, f"{where}.data holds values that are not numbers")
+    if arr.size != shape[0] * c * h * w:
+        raise ClientError(422, f"{where}.data has {arr.size} values, shape {shape} needs "
+                               f"{shape[0] * c * h * w}")
+    arr = arr.astype(np.float32).reshape(shape)  # flat or nested -> (N, C, H, W)
+    if not np.isfinite(arr).all():
+        raise ClientError(422, f"{where}.data contains NaN or infinity")
+    if arr.min() < spec.lo or arr.max() > spec.hi:
+        raise ClientError(422, f"{where}.data has values in [{arr.min():g}, {arr.max():g}], "
+                               f"expected [{spec.lo:g}, {spec.hi:g}]")
+    return arr

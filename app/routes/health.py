@@ -1,0 +1,40 @@
+"""Liveness and readiness: /healthz, /readyz and the KServe v2 health routes (never need a key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.deps import ServiceDep
+from app.errors import error_response
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(service: ServiceDep) -> dict[str, str] | JSONResponse:
+    """The model is loaded and warmed and the server is not shutting down (503 otherwise)."""
+    if not service.ready:
+        return error_response(503, f"not ready: {service.not_ready_reason()}", {"Retry-After": "1"})
+    return {"status": "ready"}
+
+
+@router.get("/v2/health/live")
+async def v2_live() -> dict[str, bool]:
+    """KServe v2 liveness."""
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", response_model=None)
+async def v2_ready(service: ServiceDep) -> dict[str, bool] | JSONResponse:
+    """KServe v2 readiness (503 while warming up or shutting down)."""
+    if not service.ready:
+        return JSONResponse({"ready": False, "error": f"not ready: {service.not_ready_reason()}"},
+                            status_code=503, headers={"Retry-After": "1"})
+    return {"ready": True}

@@ -1,0 +1,36 @@
+"""GET /v1/models: what is served, on which device, with which early-exit settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.deps import ApiKey, ServiceDep
+from app.schemas import ModelsResponse
+
+router = APIRouter(tags=["models"], dependencies=[ApiKey])
+
+
+def model_info(service) -> dict[str, Any]:
+    m = service.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "device": service.runtime.device,
+        "execution_providers": service.runtime.providers,
+        "input": {"name": m.input.name, "shape": m.input.shape, "dtype": m.input.dtype,
+                  "range": m.input.range},
+        "class_names": m.class_names,
+        "num_classes": m.num_classes,
+        "num_blocks": m.num_blocks,
+        "early_exit": {"default_mode": service.settings.EARLY_EXIT, "thresholds": m.thresholds},
+        "test_accuracy_per_block": m.test_accuracy_per_block,
+        "max_batch_size": service.settings.MAX_BATCH_SIZE,
+    }
+
+
+@router.get("/v1/models", response_model=ModelsResponse)
+async def list_models(service: ServiceDep) -> dict[str, Any]:
+    """The served model's metadata (the demo page reads it)."""
+    return {"models": [model_info(service)]}

@@ -1,0 +1,175 @@
+"""onnxruntime sessions for one model dir: the full graph and one session per stage graph.
+
+CPU is the tested path. On CUDA, stage features stay on the device between stages through
+IOBinding as long as every row of a batch survives; when rows exit, the survivors are compacted on
+the host and uploaded again (the stage graphs take no row-index input to gather with), and batch
+sizes are padded to power-of-two buckets so that cuDNN's per-shape search runs only at warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.manifest import Manifest, ModelDirError, load_manifest
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (cgroup/taskset aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for `device` ('auto', 'cpu', 'cuda'), CPU always last as the fallback."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        log.warning("device cuda was asked for, but this onnxruntime offers only %s (install the "
+                    "serve-gpu extra, onnxruntime-gpu): serving on the CPU", ", ".join(available))
+    return [CPU]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two below `max_batch`, then `max_batch`: the batch sizes warm-up runs."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+@dataclass
+class StageOutput:
+    features: Any  # np.ndarray (rows, *feature_shape), or an OrtValue on the device
+    probs: np.ndarray  # (rows, num_classes) float32, on the host
+
+
+class ModelRuntime:
+    """Loads a model dir and runs it; not thread-safe by itself (the batcher uses one thread)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", threads: int = 0,
+                 max_batch_size: int = 64):
+        self.model_dir = Path(model_dir)
+        self.manifest: Manifest = load_manifest(self.model_dir)
+        self.threads = threads or available_cores()
+        self.max_batch_size = max_batch_size
+        providers = choose_providers(device)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1  # graphs run one at a time: never oversubscribe the cores
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads must not spin: the event loop needs those cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.full = self._session(self.manifest.full_graph, options, providers)
+        self.stages = [self._session(s.file, options, providers) for s in self.manifest.stages]
+        self.providers = self.full.get_providers()
+        self.on_cuda = self.providers[0] == CUDA
+        if CUDA in providers and not self.on_cuda:
+            log.warning("onnxruntime could not start the CUDA provider (no GPU?): serving on the CPU")
+        self.device = "cuda" if self.on_cuda else "cpu"
+        self.full_outputs = [o.name for o in self.full.get_outputs()]
+        expected = [f"probs_{k}" for k in range(1, self.manifest.num_blocks + 1)]
+        if self.full_outputs != expected:
+            raise ModelDirError(f"{self.model_dir / self.manifest.full_graph} has outputs "
+                                f"{self.full_outputs}, the manifest implies {expected}")
+        log.info("loaded %s version %s from %s: %d blocks, %d stage graphs, providers %s, "
+                 "%d intra-op threads", self.manifest.name, self.manifest.version, self.model_dir,
+                 self.manifest.num_blocks, len(self.stages), ",".join(self.providers), self.threads)
+
+    def _session(self, name: str, options: ort.SessionOptions,
+                 providers: list[str]) -> ort.InferenceSession:
+        path = self.model_dir / name
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+            raise ModelDirError(f"{path} cannot be loaded by onnxruntime: {e}") from None
+
+    @property
+    def has_stages(self) -> bool:
+        return len(self.stages) == self.manifest.num_blocks
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest.input.shape
+        return c, h, w
+
+    def _pad(self, x: np.ndarray) -> np.ndarray:
+        """On CUDA, pad the batch axis to a warmed bucket size; CPU kernels need no padding."""
+        if not self.on_cuda:
+            return x
+        n = x.shape[0]
+        size = next((b for b in batch_buckets(self.max_batch_size) if b >= n), n)
+        if size == n:
+            return x
+        pad = np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)
+        return np.concatenate([x, pad])  # (n, ...) -> (bucket, ...)
+
+    def run_full(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every block's probabilities, (rows, num_classes) each, from model.onnx in one call."""
+        n = x.shape[0]
+        outputs = self.full.run(self.full_outputs, {"input": self._pad(x)})
+        return [o[:n] for o in outputs]
+
+    def run_stage(self, k: int, x: Any, rows: int) -> StageOutput:
+        """Block k (0-based) on `x` (host array or device OrtValue) holding `rows` real rows."""
+        session = self.stages[k]
+        if not self.on_cuda:
+            features, probs = session.run(["features", "probs"], {"input": x})
+            return StageOutput(features, probs)
+        binding = session.io_binding()
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input("input", self._pad(np.ascontiguousarray(x)))
+        else:
+            binding.bind_ortvalue_input("input", x)
+        binding.bind_output("features", "cuda")  # stays on the device for the next stage
+        binding.bind_output("probs", "cpu")
+        session.run_with_iobinding(binding)
+        features, probs = binding.get_outputs()
+        return StageOutput(features, probs.numpy()[:rows])
+
+    @staticmethod
+    def select_rows(features: Any, keep: np.ndarray, rows: int) -> Any:
+        """The surviving rows of a stage's features; a device value passes through when all stay."""
+        if isinstance(features, np.ndarray):
+            return features[keep]
+        if keep.all() and keep.size == rows:
+            return features  # every real row survives: no host round trip
+        return features.numpy()[:rows][keep]
+
+    def warm_up(self) -> float:
+        """Run every graph at each bucket batch size once; returns the seconds it took."""
+        t0 = time.perf_counter()
+        c, h, w = self.input_shape
+        for b in batch_buckets(self.max_batch_size):
+            x = np.zeros((b, c, h, w), dtype=np.float32)
+            self.run_full(x)
+            features: Any = x
+            for k in range(len(self.stages)):
+                features = self.run_stage(k, features, b).features
+        seconds = time.perf_counter() - t0
+        log.info("warm-up done in %.2fs (batch sizes %s)", seconds,
+                 batch_buckets(self.max_batch_size))
+        return seconds
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "execution_providers": self.providers,
+                "threads": self.threads}

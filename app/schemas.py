@@ -1,0 +1,166 @@
+"""Request and response bodies (they are also the OpenAPI docs at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ThresholdMode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(gt=0.0, le=1.0, description="exit at the first block whose max "
+                             "softmax probability reaches this value")
+
+
+EarlyExit = Literal["auto", "off"] | ThresholdMode
+
+
+class PredictRequest(BaseModel):
+    """Body of POST /predict (JSON). Multipart uploads take `file` fields plus the same options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Any] = Field(
+        description="each a nested number array of the model's input shape (C, H, W) with pixels "
+                    "in [0, 1] (a 2-D array for 1-channel models), or {\"b64\": \"<PNG or JPEG>\"}")
+    early_exit: EarlyExit | None = Field(
+        None, description="'auto' (the manifest's calibrated thresholds), 'off' (the whole "
+                          "network), or {\"threshold\": t}; default: the server's setting")
+    top_k: int = Field(1, ge=1, description="how many of the most probable classes to list")
+    return_blocks: bool = Field(False, description="also return every block's probabilities "
+                                                   "for the blocks that ran for each instance")
+
+    @field_validator("early_exit", mode="wrap")
+    @classmethod
+    def _early_exit(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('early_exit must be "auto", "off" or {"threshold": t} with t in '
+                             f"(0, 1], got {value!r}") from None
+
+
+class ClassProbability(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class BlockOutput(BaseModel):
+    block: int = Field(description="1-based block index")
+    probabilities: list[float] = Field(description="softmax over the classes at this block")
+    threshold: float | None = Field(description="the exit threshold applied at this block; null "
+                                                "at the last block or where no exit was allowed")
+
+
+class Prediction(BaseModel):
+    label: int
+    class_name: str
+    confidence: float = Field(description="probability of `label` at the exit block")
+    exit_block: int = Field(description="1-based block that answered; num_blocks = no early exit")
+    top_k: list[ClassProbability]
+    blocks: list[BlockOutput] | None = Field(
+        None, description="only with return_blocks: one entry per block that ran, in order")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in words")
+
+
+class EarlyExitInfo(BaseModel):
+    default_mode: str | float
+    thresholds: list[float | None]
+
+
+class InputInfo(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+    range: list[float]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    device: str
+    execution_providers: list[str]
+    input: InputInfo
+    class_names: list[str]
+    num_classes: int
+    num_blocks: int
+    early_exit: EarlyExitInfo
+    test_accuracy_per_block: list[float] | None
+    max_batch_size: int
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+# --- KServe / Open Inference Protocol v2 -----------------------------------------------------
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="optional {\"early_exit\": \"auto\" | \"off\" | threshold}")
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMeta]
+    outputs: list[V2TensorMeta]
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` inlined, to embed it in the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)

@@ -1,0 +1,76 @@
+"""Service settings: every field also comes from an `HFF_<FIELD>` environment variable."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_early_exit(value: str | float) -> str | float:
+    """'auto', 'off' or a max-softmax threshold in (0, 1]; the error names the valid forms."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"early exit must be 'auto', 'off' or a threshold such as 0.9, "
+                             f"got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0.0 < value <= 1.0:
+        raise ValueError(f"an early-exit threshold must be a number in (0, 1], e.g. 0.9, got {value!r}")
+    return float(value)
+
+
+class Settings(BaseSettings):
+    """What `hff-serve` serves and how; `HFF_MAX_BATCH_SIZE=32 hff-serve ...` and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="HFF_", extra="ignore", case_sensitive=False)
+
+    MODEL_DIR: Path = Path("models/digits")  # an exported model dir (manifest.json + ONNX graphs)
+    HOST: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface (containers)
+    PORT: int = Field(8000, ge=0, le=65535)
+    MAX_BATCH_SIZE: int = Field(64, ge=1, le=4096)  # rows per onnxruntime call; 1 = batching off
+    MAX_BATCH_WAIT_MS: float = Field(2.0, ge=0.0, le=1000.0)  # longest a batch waits to fill
+    QUEUE_BOUND: int = Field(4096, ge=1)  # instances waiting for a batch; beyond it: 429
+    MAX_INSTANCES: int = Field(256, ge=1)  # instances in one request; beyond it: 413
+    MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1024)  # request body limit; beyond it: 413
+    REQUEST_TIMEOUT_S: float = Field(30.0, gt=0.0)  # a request still unanswered after this: 504
+    DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
+    THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
+    EARLY_EXIT: str | float = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
+    API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer
+    LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("MODEL_DIR")
+    @classmethod
+    def _model_dir(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"model dir {v} does not exist (export one with hff-export)")
+        if not (v / "manifest.json").is_file():
+            raise ValueError(f"{v} holds no manifest.json: not a model dir written by hff-export")
+        return v
+
+    @field_validator("EARLY_EXIT", mode="before")
+    @classmethod
+    def _early_exit(cls, v: str | float) -> str | float:
+        return parse_early_exit(v)
+
+    @field_validator("API_KEY", mode="before")
+    @classmethod
+    def _api_key(cls, v: str | None) -> str | None:
+        if v is not None and str(v) == "":
+            return None  # HFF_API_KEY= (empty) means no key, not an empty key
+        if v is not None and len(str(v)) < 8:
+            raise ValueError("an API key needs at least 8 characters")
+        return v
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        return v.lower() if isinstance(v, str) else v

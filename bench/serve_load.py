@@ -1,0 +1,316 @@
+"""HTTP load on hff-serve: batching vs none vs the in-process onnxruntime ceiling, early exit on/off.
+
+Usage (make bench-serve prepares the model dirs):
+    python bench/serve_load.py --cifar-random models/cifar-random --digits models/digits \
+        --cifar-trained models/digits32 [--seconds 5] [--concurrency 1 16 64]
+
+Rows, all in one invocation on this machine:
+  (a) onnxruntime in process, model.onnx at the server's max batch size (the ceiling) and at
+      batch 1 (their ratio bounds what batching can gain on the machine);
+  (b) the server with batching (max batch 64), (c) the same with batching off (max batch 1),
+      both with early exit off, on the cifar-cnn preset (random weights) and on the digits model;
+  (d) early exit off vs auto (the manifest's calibrated thresholds) vs one fixed threshold, with
+      batching on, on the digits model and on cifar-cnn trained on digits32 (where the network
+      costs more than the HTTP request), with test accuracy.
+The load generator is closed-loop: `concurrency` clients each send one request (one instance)
+after the other for `seconds`, after a warm-up; the bodies are encoded once, up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's model/ and training/, not an installed copy
+
+
+def make_random_cifar(out: Path) -> None:
+    """Export cifar-cnn with random weights (a checkpoint dir written here, then hff-export)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model import atomic
+    from model.checkpoint import HELDOUT_FILE, RunConfig, save_config, save_weights
+    from model.config import preset_config
+    from model.export import export_model
+    from model.factory import build_model
+
+    run = out.parent / f".{out.name}-run"
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = preset_config("cifar-cnn")
+    net = build_model(cfg).eval()
+    save_config(run, RunConfig(model=cfg, dataset="random"))
+    save_weights(run, net)
+    x = torch.rand(64, *cfg.input_shape)  # calibration data: random images, random labels
+    with torch.no_grad():
+        probs = torch.stack([lg.softmax(1) for lg in net(x, detach=False)], dim=1)  # (N, L, C)
+    labels = torch.randint(0, cfg.num_classes, (64,))
+    heldout = {"val_probs": probs[:32].contiguous(), "val_labels": labels[:32],
+               "test_probs": probs[32:].contiguous(), "test_labels": labels[32:]}
+    atomic.write_with(run / HELDOUT_FILE, lambda p: save_file(heldout, str(p)))
+    export_model(run, out, name="cifar-random")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HFF_")}
+        env["PYTHONPATH"] = str(REPO)
+        env.update({f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
+        env["HFF_LOG_LEVEL"] = "warning"
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "--model-dir", str(model_dir),
+                                      "--port", str(self.port)], cwd=REPO, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server for {model_dir} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"server for {model_dir} not ready in 300 s")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def bodies(x: np.ndarray, mode: str) -> list[bytes]:
+    """One JSON body per image, encoded once (pixels to 4 decimals, as a client would send)."""
+    early_exit = mode if mode in ("auto", "off") else {"threshold": float(mode)}
+    return [json.dumps({"instances": [np.round(img, 4).tolist()], "early_exit": early_exit}).encode()
+            for img in x]
+
+
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client for pre-encoded POSTs. On 2 shared cores the load
+    generator competes with the server: httpx costs several times more CPU per request
+    (`--client httpx` measures with it instead)."""
+
+    def __init__(self, url: str):
+        host_port = url.removeprefix("http://")
+        self.host, port = host_port.split(":")
+        self.port = int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
+                      if k.strip().lower() == b"content-length")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class HttpxConnection:
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        r = await self.client.post(path, content=body, headers={"content-type": "application/json"})
+        return r.status_code, r.content
+
+    async def close(self) -> None:
+        pass
+
+
+async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float,
+               warmup: float, client_kind: str = "raw") -> dict:
+    """Closed-loop load; returns throughput, latency percentiles and the answers by payload."""
+    latencies: list[float] = []  # of requests sent inside the window
+    done_in_window = 0  # requests completed inside the window: the throughput
+    answers: dict[int, dict] = {}
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as shared:
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup, start + warmup + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal errors, done_in_window
+            conn = RawConnection(url) if client_kind == "raw" else HttpxConnection(shared)
+            i = w
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    if t0 >= stop_at:
+                        return
+                    status, body = await conn.post("/predict", payloads[i % len(payloads)])
+                    t1 = time.perf_counter()
+                    i += concurrency
+                    if status != 200:
+                        errors += 1
+                        continue
+                    if measure_from <= t1 < stop_at:
+                        done_in_window += 1
+                    if t0 >= measure_from:
+                        latencies.append(t1 - t0)
+                        answers[(i - concurrency) % len(payloads)] = json.loads(body)["predictions"][0]
+            finally:
+                await conn.close()
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    lat = np.array(latencies) * 1000
+    return {"throughput": done_in_window / seconds, "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)), "answers": answers, "errors": errors}
+
+
+def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float) -> dict:
+    """model.onnx in process at `batch` rows, through the server's own runtime (same sessions,
+    threads and options; no HTTP, no queue)."""
+    from app.runtime import ModelRuntime
+
+    runtime = ModelRuntime(model_dir, device="cpu", max_batch_size=batch)
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    for _ in range(3):
+        runtime.run_full(x)
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        runtime.run_full(x)
+        calls += 1
+    per_call = (time.perf_counter() - t0) / calls
+    return {"throughput": batch / per_call, "p50": per_call * 1000, "p99": float("nan")}
+
+
+def test_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_dataset
+
+    images, labels = load_dataset(dataset).test.tensors
+    return images.numpy(), labels.numpy()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cifar-random", type=Path, default=REPO / "models/cifar-random")
+    p.add_argument("--digits", type=Path, default=REPO / "models/digits")
+    p.add_argument("--cifar-trained", type=Path, default=REPO / "models/digits32")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured time per repeat")
+    p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="load generator's HTTP client (raw: minimal asyncio HTTP/1.1 keep-alive)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="also run early exit with this one threshold at every block")
+    p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained"], nargs="+",
+                   default=["cifar-random", "digits", "cifar-trained"])
+    args = p.parse_args()
+    if "cifar-random" in args.only and not (args.cifar_random / "manifest.json").is_file():
+        print(f"exporting random cifar-cnn to {args.cifar_random} ...", file=sys.stderr)
+        make_random_cifar(args.cifar_random)
+    for name in args.only:
+        d = getattr(args, name.replace("-", "_"))
+        if not (d / "manifest.json").is_file():
+            raise SystemExit(f"{d} is not a model dir (make bench-serve prepares it)")
+
+    print(f"# machine: {platform.processor() or platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} usable cores, load average "
+          f"{os.getloadavg()[0]:.1f}; python {platform.python_version()}, onnxruntime "
+          f"{ort.__version__}, {' '.join(sys.argv[1:]) or 'defaults'}")
+    def emit(model, setup, mode, conc, runs: list[dict], y=None):
+        """One table row: medians over the repeats; accuracy over every answer collected."""
+        tput = float(np.median([r["throughput"] for r in runs]))
+        p50 = float(np.median([r["p50"] for r in runs]))
+        p99 = float(np.median([r["p99"] for r in runs]))
+        a = b = ""
+        answers = {k: v for r in runs for k, v in r.get("answers", {}).items()}
+        if y is not None and answers:
+            idx = np.array(sorted(answers))
+            got = np.array([answers[i]["label"] for i in idx])
+            a = f"{(got == y[idx]).mean() * 100:.2f}% of {len(idx)}"
+            b = f"{np.mean([answers[i]['exit_block'] for i in idx]):.2f}"
+        spread = f"{min(r['throughput'] for r in runs):.0f}-{max(r['throughput'] for r in runs):.0f}"
+        p99_text = "-" if np.isnan(p99) else f"{p99:.2f}"
+        print(f"| {model} | {setup} | {mode} | {conc} | {tput:.0f} ({spread}) | {p50:.2f} | "
+              f"{p99_text} | {a} | {b} |", flush=True)
+        errors = sum(r.get("errors", 0) for r in runs)
+        if errors:
+            print(f"#   the row above had {errors} answers other than 200", flush=True)
+
+    print(f"# medians of {args.repeats} interleaved repeats of {args.seconds:g} s each "
+          "(min-max throughput in brackets)")
+    print("| model | server | early exit | concurrency | instances/s | p50 ms | p99 ms | "
+          "accuracy (test) | mean exit block |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    mb = args.max_batch_size
+    for name in args.only:
+        model_dir = getattr(args, name.replace("-", "_"))
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        shape = manifest["input"]["shape"]
+        if name == "cifar-random":
+            x, y = rng.random((256, *shape), dtype=np.float32), None
+        else:
+            x, y = test_images(manifest.get("dataset") or ("digits" if name == "digits" else "digits32"))
+        label = f"{name} ({manifest.get('preset')})"
+        modes = ["off"] if name == "cifar-random" else ["off", "auto", str(args.threshold)]
+        payloads = {m: bodies(x, m) for m in modes}
+        # every server of a model is up at once and idle when not loaded, so the configurations
+        # can be interleaved: the machine's load drifts, the ratios between neighbours do not
+        servers = {"batching": Server(model_dir, max_batch_size=mb)}
+        if name != "cifar-trained":
+            servers["batching off"] = Server(model_dir, max_batch_size=1)
+        try:
+            configs = [(setup, mode) for setup in servers
+                       for mode in (modes if setup == "batching" else ["off"])]
+            # the ceiling at the server's batch size, and at batch 1: their ratio bounds what
+            # any batching can gain on this machine
+            for batch in (mb, 1):
+                ceilings = [ceiling(model_dir, batch, shape, args.seconds)
+                            for _ in range(args.repeats)]
+                emit(label, f"onnxruntime in process, batch {batch}", "off", "-", ceilings)
+            for conc in args.concurrency:
+                runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+                for _ in range(args.repeats):
+                    for setup, mode in configs:
+                        runs[setup, mode].append(asyncio.run(load(
+                            servers[setup].url, payloads[mode], conc, args.seconds, args.warmup,
+                            args.client)))
+                for setup, mode in configs:
+                    max_batch = mb if setup == "batching" else 1
+                    emit(label, f"{setup} (max batch {max_batch})", mode, conc, runs[setup, mode],
+                         y)
+        finally:
+            for server in servers.values():
+                server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Forward-Forward networks (Hinton 2022): the label is part of the input, every block has a goodness.
+
+The candidate label is embedded in the input (`FFConfig.label_embedding`: a one-hot overlay on the
+first C input values, or appended as C extra features / C constant one-hot planes for conv nets).
+Block d's goodness is the sum or mean of its squared output activations. Between blocks the
+activations are divided by their root-mean-square (Hinton's "layer normalisation": the length, and
+with it the goodness, does not leak into the next block, only the direction does) and detached.
+Inference scores every candidate label: all C label variants of a batch are stacked into one
+(C * B) batch and run in one forward pass; the prediction is the argmax of the goodness summed
+over `FFConfig.score_blocks`. Bodies are built by the same `build_body` as HFF's, so the two
+families share backbones block for block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import FFConfig, ModelConfig
+from model.hff import InputNorm, build_body
+
+NORM_EPS = 1e-6
+
+
+def rms_normalise(h: Tensor) -> Tensor:
+    """Divide every example by the RMS of all its activations: goodness 1 in, direction kept."""
+    rms = h.pow(2).flatten(1).mean(1).add(NORM_EPS).sqrt()  # (B,)
+    return h / rms.view(-1, *([1] * (h.ndim - 1)))
+
+
+class FFNet(nn.Module):
+    """Stack of block bodies scored by goodness. forward(x) -> every block's (B, C) goodness."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.family != "ff":
+            raise ValueError(f"FFNet builds family 'ff', config says {cfg.family!r}")
+        self.config = cfg
+        self.ff: FFConfig = cfg.ff or FFConfig()
+        self.num_classes = cfg.num_classes
+        self.input_norm = InputNorm(cfg.input_mean, cfg.input_std)
+        self.flat_input = cfg.blocks[0].kind == "linear"
+        shape: tuple[int, ...] = tuple(cfg.input_shape)
+        if self.ff.label_embedding == "concat":
+            c, h, w = cfg.input_shape
+            shape = (c * h * w + self.num_classes,) if self.flat_input else (c + self.num_classes, h, w)
+        bodies = []
+        for block_cfg in cfg.blocks:
+            body, shape = build_body(block_cfg, shape)
+            bodies.append(body)
+        self.blocks = nn.ModuleList(bodies)
+        self.score_blocks = [k - 1 for k in (self.ff.score_blocks or range(1, cfg.num_blocks + 1))]
+
+    def embed(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Put label `labels[i]` into normalised input `x[i]`: (B, C, H, W) -> the first block's input."""
+        onehot = F.one_hot(labels, self.num_classes).to(x.dtype) * self.ff.label_scale  # (B, K)
+        if self.ff.label_embedding == "overlay":
+            flat = x.flatten(1)  # (B, C*H*W)
+            return torch.cat([onehot, flat[:, self.num_classes:]], 1).view_as(x)
+        if self.flat_input:
+            return torch.cat([x.flatten(1), onehot], 1)  # (B, C*H*W + K)
+        planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # (B, K, H, W)
+        return torch.cat([x, planes], 1)  # (B, C + K, H, W)
+
+    def goodness(self, h: Tensor) -> Tensor:
+        """Sum or mean of squared activations per example: (B, ...) -> (B,)."""
+        sq = h.pow(2).flatten(1)
+        return sq.sum(1) if self.ff.goodness == "sum" else sq.mean(1)
+
+    def block_goodness(self, h: Tensor) -> list[Tensor]:
+        """Goodness of every block for embedded inputs `h` (B, ...): [(B,)] * L.
+
+        Each block's input is detached, so a loss on block d's goodness trains block d alone.
+        """
+        out = []
+        for k, body in enumerate(self.blocks):
+            if k > 0:
+                h = rms_normalise(h)
+            h = body(h.detach())
+            out.append(self.goodness(h))
+        return out
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Goodness of every block for every candidate label, in one pass: [(B, C)] * L."""
+        b, k = x.shape[0], self.num_classes
+        x = self.input_norm(x)
+        stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])  # (K*B, C, H, W)
+        labels = torch.arange(k, device=x.device).repeat_interleave(b)  # label-major, (K*B,)
+        return [g.view(k, b).t() for g in self.block_goodness(self.embed(stacked, labels))]
+
+    def scores(self, x: Tensor) -> Tensor:
+        """The prediction's class scores: goodness summed over the score blocks, (B, C)."""
+        per_block = self(x)
+        return torch.stack([per_block[k] for k in self.score_blocks]).sum(0)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.scores(x).argmax(1)
+

@@ -1,0 +1,129 @@
+"""Fixtures for the service tests: the digits run exported by the real exporter, and real
+`python -m app` server processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import run_module
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789"
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFF_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def digits_model_dir(digits_run, tmp_path_factory) -> Path:
+    """The session's briefly trained digits run (tests/conftest.py), exported by hff-export."""
+    out = tmp_path_factory.mktemp("service-models") / "digits"
+    proc = run_module("model.export", str(digits_run), "--out", str(out), timeout=1200)
+    assert proc.returncode == 0, f"hff-export failed:\n{proc.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The digits validation and test splits as (images (N, 1, 8, 8), labels)."""
+    from training.data import load_dataset
+
+    data = load_dataset("digits")
+    return {name: tuple(t.numpy() for t in getattr(data, name).tensors) for name in ("val", "test")}
+
+
+@pytest.fixture(scope="session")
+def digits_test_split(digits_splits) -> tuple[np.ndarray, np.ndarray]:
+    return digits_splits["test"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m app` in a subprocess; `url` once /readyz says ready."""
+
+    def __init__(self, model_dir: Path, log_path: Path, **settings: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = repo_env(**{f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "--model-dir", str(model_dir), "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, signal_first: bool = True) -> int:
+        """SIGTERM (unless already sent) and wait for the exit; returns the exit status."""
+        if self.proc.poll() is None:
+            if signal_first:
+                self.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(digits_model_dir, tmp_path_factory):
+    """The digits model behind an API key, small limits so the limit cases are cheap to send."""
+    srv = ServerProcess(digits_model_dir, tmp_path_factory.mktemp("server") / "server.log",
+                        api_key=API_KEY, max_batch_size=32, max_batch_wait_ms=5,
+                        max_instances=64, max_body_bytes=256 * 1024, threads=1)
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()  # no request may have hit a bug
+
+
+@pytest.fixture
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+        yield c

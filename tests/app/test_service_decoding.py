@@ -1,0 +1,121 @@
+"""Input decoding and settings: what is accepted, what is refused, and the words used."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from app.decoding import InputSpec, decode_image, decode_instance, decode_instances, decode_tensor
+from app.errors import ClientError
+from app.settings import Settings
+
+GRAY = InputSpec([1, 8, 8], [0.0, 1.0])
+RGB = InputSpec([3, 32, 32], [0.0, 1.0])
+
+
+def png(array: np.ndarray, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def refused(fn, *args) -> ClientError:
+    with pytest.raises(ClientError) as e:
+        fn(*args)
+    return e.value
+
+
+def test_arrays_accept_3d_and_2d_for_one_channel():
+    x = np.random.default_rng(0).random((8, 8))
+    a = decode_instance(x.tolist(), "instances[0]", GRAY)
+    b = decode_instance(x[None].tolist(), "instances[0]", GRAY)
+    assert a.shape == b.shape == (1, 8, 8) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert decode_instances([x.tolist()] * 3, GRAY, 8).shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("value, status, words", [
+    ([[0.5] * 8] * 7, 422, "shape [7, 8], expected [1, 8, 8] or [8, 8]"),
+    ([[0.5] * 8] * 7 + [[0.5] * 7], 422, "not a rectangular array"),
+    ([["a"] * 8] * 8, 422, "strings"),
+    ([[float("nan")] * 8] * 8, 422, "NaN or infinity"),
+    ([[255.0] * 8] * 8, 422, "expected pixels in [0, 1]"),
+    ([[True] * 8] * 8, 422, "not numbers"),
+    ("abc", 422, "is a str"),
+    ({"image": "x"}, 422, "only object form"),
+    ({"b64": "not base64!"}, 400, "not valid base64"),
+    ({"b64": base64.b64encode(b"GIF89a hello").decode()}, 415, "not a PNG or JPEG"),
+])
+def test_bad_instances_name_the_problem(value, status, words):
+    err = refused(decode_instance, value, "instances[3]", GRAY)
+    assert err.status == status
+    assert err.message.startswith("instances[3]") and words in err.message
+
+
+def test_instance_count_limits():
+    assert refused(decode_instances, [], GRAY, 4).status == 422
+    err = refused(decode_instances, [[[0.0] * 8] * 8] * 5, GRAY, 4)
+    assert err.status == 413 and "limit is 4" in err.message
+
+
+def test_png_and_jpeg_convert_channels_and_size():
+    img = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    x = decode_image(png(img), "file", GRAY)
+    np.testing.assert_allclose(x[0], img / 255.0, atol=1e-6)
+    rgb = np.zeros((16, 20, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=95)
+    x = decode_image(buf.getvalue(), "file", RGB)
+    assert x.shape == (3, 32, 32)
+    assert x[0].mean() > 0.9 and x[1].mean() < 0.1  # red stays red
+    x = decode_image(png(img), "file", RGB)  # gray -> 3 equal channels
+    np.testing.assert_array_equal(x[0], x[2])
+
+
+def test_decompression_bomb_and_truncated_images_are_refused():
+    big = Image.new("L", (5000, 5000))  # 25 M pixels of zeros: a small PNG, a large image
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    err = refused(decode_image, buf.getvalue(), "file", GRAY)
+    assert err.status == 413 and "5000x5000" in err.message
+    data = png(np.full((64, 64), 200, dtype=np.uint8))
+    err = refused(decode_image, data[: len(data) // 2], "file", GRAY)
+    assert err.status == 400 and "truncated or corrupt" in err.message
+    assert refused(decode_image, b"", "file", GRAY).status == 400
+
+
+def test_kserve_tensors_flat_or_nested():
+    x = np.random.default_rng(1).random((2, 1, 8, 8)).astype(np.float32)
+    flat = decode_tensor(x.reshape(-1).tolist(), [2, 1, 8, 8], "inputs[0]", GRAY, 8)
+    nested = decode_tensor(x.tolist(), [2, 1, 8, 8], "inputs[0]", GRAY, 8)
+    np.testing.assert_array_equal(flat, x)
+    np.testing.assert_array_equal(nested, x)
+    err = refused(decode_tensor, x.reshape(-1).tolist(), [2, 3, 8, 8], "inputs[0]", GRAY, 8)
+    assert "expected [N, 1, 8, 8]" in err.message
+    err = refused(decode_tensor, x.reshape(-1)[:-1].tolist(), [2, 1, 8, 8], "inputs[0]", GRAY, 8)
+    assert "127 values" in err.message
+
+
+def test_settings_from_environment_with_validated_limits(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setenv("HFF_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("HFF_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("HFF_EARLY_EXIT", "0.8")
+    s = Settings()
+    assert s.MAX_BATCH_SIZE == 8 and s.EARLY_EXIT == 0.8 and tmp_path == s.MODEL_DIR
+    assert Settings(MAX_BATCH_SIZE=2).MAX_BATCH_SIZE == 2  # arguments beat the environment
+    monkeypatch.setenv("HFF_EARLY_EXIT", "sometimes")
+    with pytest.raises(ValidationError, match="'auto', 'off' or a threshold"):
+        Settings()
+    monkeypatch.setenv("HFF_EARLY_EXIT", "auto")
+    with pytest.raises(ValidationError, match="holds no manifest.json"):
+        Settings(MODEL_DIR=tmp_path.parent)
+    with pytest.raises(ValidationError, match="at least 8 characters"):
+        Settings(API_KEY="short")
+    assert Settings(API_KEY="").API_KEY is None
