@@ -8,7 +8,7 @@ RUN_DIR ?= runs/$(DATASET)
 MODEL_DIR ?= models/$(DATASET)
 PORT ?= 8000
 
-.PHONY: setup test lint train export serve bench-serve clean
+.PHONY: setup test lint train export serve bench-serve clean container-smoke
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ bench-serve: setup $(if $(wildcard models/digits/manifest.json),,models/digits/m
 		$(if $(wildcard models/digits32/manifest.json),,models/digits32/manifest.json)
 	$(BIN)/python bench/serve_load.py --digits models/digits --cifar-trained models/digits32 \
 		--cifar-random models/cifar-random
+
+# Opt-in, minutes: builds both images, `compose up`, predicts real digits, tears it all down.
+# Docker + Compose where a daemon answers, else podman + podman-compose (scripts/podman-setup.sh).
+container-smoke: setup
+	@docker info >/dev/null 2>&1 || $(BIN)/pip install --quiet -c constraints.txt -e ".[container]"
+	HFF_CONTAINER_SMOKE=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m container -s -v tests/test_container_smoke.py
 
 clean:
 	rm -rf runs models

@@ -170,6 +170,39 @@ def cifar_cnn() -> dict[str, Any]:
 
 
 @register_preset
+def mnist_cnn() -> dict[str, Any]:
+    """3 conv blocks for 1x28x28 (MNIST, Fashion-MNIST): 28 -> 14 -> 7 -> 3."""
+    return {
+        "input_shape": (1, 28, 28),
+        "blocks": [
+            _conv(32, downsample="maxpool"),
+            _conv(64, downsample="maxpool"),
+            _conv(128, downsample="maxpool"),
+        ],
+        "pool_grid": 2,
+    }
+
+
+@register_preset
+def tiny_imagenet_cnn() -> dict[str, Any]:
+    """VGG-style stack of 6 conv blocks for 3x64x64 (Tiny ImageNet): 64 -> 32 -> 16 -> 8 -> 4 -> 2."""
+    return {
+        "input_shape": (3, 64, 64),
+        "input_mean": [0.5, 0.5, 0.5],
+        "input_std": [0.25, 0.25, 0.25],
+        "blocks": [
+            _conv(64, downsample="maxpool"),
+            _conv(128, downsample="maxpool"),
+            _conv(256, layers=2, downsample="maxpool"),
+            _conv(256, layers=2),
+            _conv(512, layers=2, downsample="maxpool"),
+            _conv(512, layers=2, downsample="maxpool"),
+        ],
+        "pool_grid": 2,
+    }
+
+
+@register_preset
 def mlp() -> dict[str, Any]:
     """Three fully connected blocks (any input shape is flattened)."""
     return {

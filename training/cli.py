@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from model.checkpoint import (
     load_config,
 )
 from model.config import format_validation_error, list_presets, preset_config
+from training import distributed
 from training.data import DataError, list_datasets, load_dataset
 from training.ff_objectives import add_ff_arguments, ff_settings
 from training.objectives import OBJECTIVES
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last completed epoch")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that decode images (0: in the main process)")
     add_ff_arguments(p)
     return p
 
@@ -87,7 +91,7 @@ def resolve_device(name: str) -> str:
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test.{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -101,7 +105,11 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
     except ValueError as e:
         raise CliError(str(e)) from None
-    data = load_dataset(args.dataset, args.data_dir)
+    try:  # sources of any size (image folders) are resized to the preset's input size
+        image_size = preset_config(args.preset).input_shape[1:] if args.preset else None
+    except KeyError as e:
+        raise CliError(e.args[0]) from None
+    data = load_dataset(args.dataset, args.data_dir, image_size=image_size)
     preset = args.preset or data.default_preset
     overrides = {
         "input_shape": data.input_shape, "class_names": data.class_names,
@@ -128,30 +136,42 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         if not args.overwrite:
             raise CliError(f"{out} already holds a run: pass --resume to continue it or "
                            "--overwrite to start over")
-        for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE, HELDOUT_FILE):
-            (out / name).unlink(missing_ok=True)
+        if distributed.env_info().is_main:
+            for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE, HELDOUT_FILE):
+                (out / name).unlink(missing_ok=True)
     config = make_run_config(model_cfg, args.dataset, args.data_dir, args.seed, train_cfg)
     return config, data
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.dataset}")
-    device = resolve_device(args.device)
+    if args.num_workers < 0:
+        raise CliError("--num-workers must be 0 or more")
+    # Under torchrun: join the process group (gloo on CPU, nccl on CUDA); a plain run is rank 0 of 1.
+    info, device = distributed.init(resolve_device(args.device))
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    options = {"device": device, "progress": not args.no_progress,
+               "num_workers": args.num_workers, "dist_info": info}
     if args.resume:
         config = load_config(out)
-        data = load_dataset(config.dataset, config.data_dir)
+        data = load_dataset(config.dataset, config.data_dir,
+                            image_size=config.model.input_shape[1:])
         check_writable(out)
-        trainer = Trainer(config, data, out, device=device, progress=not args.no_progress)
+        trainer = Trainer(config, data, out, **options)
         if (out / STATE_FILE).exists():
             trainer.load_state()
-            print(f"{PROG}: resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
+            if info.is_main:
+                print(f"{PROG}: resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
     else:
         config, data = prepare_new_run(args, out)
         check_writable(out)
-        trainer = Trainer(config, data, out, device=device, progress=not args.no_progress)
+        trainer = Trainer(config, data, out, **options)
+    distributed.barrier(info)  # every rank has checked `out` before rank 0 writes into it
     t0 = time.perf_counter()
     metrics = trainer.fit()
-    print_summary(metrics, out, time.perf_counter() - t0)
+    if info.is_main:
+        print_summary(metrics, out, time.perf_counter() - t0)
     return 0
 
 
@@ -174,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (CliError, DataError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep its last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -4,12 +4,18 @@ The bundled default is scikit-learn's `load_digits` (1,797 8x8 images, 10 classe
 stratified by class, with a fixed seed that does not depend on the training seed:
 60% train (1,078), 20% validation (359), 20% test (360). Validation calibrates early exit;
 test is reported.
+
+Standard data sets are read from `--data-dir` (default `data/<name>`) by training/readers.py.
+Their official test split is the test split; as none of them has an official validation split,
+a fixed stratified 10% of the official training split (seed SPLIT_SEED) is carved off as
+validation and the rest trains (CIFAR: 45,000 / 5,000; MNIST-family: 54,000 / 6,000).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +48,8 @@ class DataSplits:
     info: dict = field(default_factory=dict)
 
 
-DatasetLoader = Callable[[Path | None], DataSplits]
+# loader(data_dir, image_size): image_size (H, W) is the preset's, for sources of any size.
+DatasetLoader = Callable[[Path | None, tuple[int, int] | None], DataSplits]
 _DATASETS: dict[str, DatasetLoader] = {}
 
 
@@ -60,10 +67,13 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> DataSplits:
+def load_dataset(name: str, data_dir: str | Path | None = None,
+                 image_size: tuple[int, int] | None = None) -> DataSplits:
+    """Splits of data set `name`; `image_size` (H, W) resizes sources without a fixed size."""
     if name not in _DATASETS:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(list_datasets())})")
-    return _DATASETS[name](Path(data_dir) if data_dir is not None else None)
+    return _DATASETS[name](Path(data_dir) if data_dir is not None else None,
+                           tuple(image_size) if image_size is not None else None)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -121,17 +131,189 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
 
 
 @register_dataset("digits")
-def digits(data_dir: Path | None = None) -> DataSplits:
+def digits(data_dir: Path | None = None, image_size=None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits."""
     images, labels = _digits_arrays()
     return _split_in_memory("digits", images, labels, default_preset="digits-cnn", augment=random_shift)
 
 
 @register_dataset("digits32")
-def digits32(data_dir: Path | None = None) -> DataSplits:
+def digits32(data_dir: Path | None = None, image_size=None) -> DataSplits:
     """The bundled digits upscaled (bilinear) to 3x32x32, to run the cifar-sized presets on them."""
     images, labels = _digits_arrays()
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32)
     shift = lambda x, g: random_shift(x, g, max_shift=3)  # noqa: E731
     return _split_in_memory("digits32", images, labels, default_preset="cifar-cnn", augment=shift)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4,
+                     flip: bool = True) -> torch.Tensor:
+    """Random crop of the zero-padded image (pad pixels a side) plus a random horizontal flip."""
+    out = random_shift(images, generator, max_shift=pad)
+    if flip:
+        mirror = torch.rand(len(out), generator=generator) < 0.5
+        out = torch.where(mirror.view(-1, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+def crop_flip_for(size: int, flip: bool = True) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """The usual augmentation for size x size images: pad size/8 (4 for 32x32, 8 for 64x64)."""
+    return partial(random_crop_flip, pad=max(1, size // 8), flip=flip)
+
+
+VAL_FRACTION = 0.1  # carved from the official training split when a data set has no val split
+
+
+def carve_val(labels: np.ndarray, fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) index arrays: a fixed stratified `fraction` of `labels` becomes validation."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    try:
+        train, val = train_test_split(idx, test_size=fraction, stratify=labels,
+                                      random_state=SPLIT_SEED)
+    except ValueError:  # a class too small to stratify (tiny trees): a plain seeded split
+        train, val = train_test_split(idx, test_size=fraction, random_state=SPLIT_SEED)
+    return np.sort(train), np.sort(val)
+
+
+def _default_dir(name: str, data_dir: Path | None) -> Path:
+    return data_dir if data_dir is not None else Path("data") / name
+
+
+def _array_splits(name: str, train_x, train_y, test_x, test_y, class_names, **kw) -> DataSplits:
+    from training.readers import ArrayDataset, uint8_stats
+
+    tr, va = carve_val(train_y)
+    mean, std = uint8_stats(train_x[tr])
+    return DataSplits(
+        name=name,
+        train=ArrayDataset(train_x[tr], train_y[tr]),
+        val=ArrayDataset(train_x[va], train_y[va]),
+        test=ArrayDataset(test_x, test_y),
+        class_names=class_names,
+        input_shape=tuple(int(v) for v in train_x.shape[1:]),
+        mean=mean,
+        std=std,
+        info={"train": len(tr), "val": len(va), "test": len(test_y)},
+        **kw,
+    )
+
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: list[str],
+                  flip: bool) -> DataSplits:
+    from training.readers import read_mnist_split
+
+    root = _default_dir(name, data_dir)
+    # The plain folder, or torchvision's layout (<root>/<Name>/raw) when a user already has it.
+    candidates = [root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"]
+    folder = next((c for c in candidates if any(c.glob("train-images*"))), root)
+    what = f"{name} training images"
+    train_x, train_y = read_mnist_split(folder, "train", source, what)
+    test_x, test_y = read_mnist_split(folder, "t10k", source, f"{name} test images")
+    for where, labels in (("train", train_y), ("t10k", test_y)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise DataError(f"{folder}/{where}-labels: a label lies outside 0..{len(class_names) - 1}")
+    return _array_splits(name, train_x, train_y, test_x, test_y, class_names,
+                         default_preset="mnist-cnn",
+                         augment=partial(random_crop_flip, pad=2, flip=flip))
+
+
+@register_dataset("mnist")
+def mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
+    """MNIST from its four IDX files (gzipped or not)."""
+    from training.readers import MNIST_SOURCE
+
+    # No flip: a mirrored digit is a different glyph.
+    return _mnist_family("mnist", data_dir, MNIST_SOURCE, MNIST_CLASSES, flip=False)
+
+
+@register_dataset("fashion-mnist")
+def fashion_mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
+    """Fashion-MNIST: the same four IDX file names as MNIST."""
+    from training.readers import FASHION_SOURCE
+
+    return _mnist_family("fashion-mnist", data_dir, FASHION_SOURCE, FASHION_CLASSES, flip=True)
+
+
+def _cifar(name: str, data_dir: Path | None, layout_name: str) -> DataSplits:
+    from training import readers
+
+    layout = getattr(readers, layout_name)
+    train_x, train_y, test_x, test_y, classes = readers.read_cifar(_default_dir(name, data_dir), layout)
+    return _array_splits(name, train_x, train_y, test_x, test_y, classes,
+                         default_preset="cifar-cnn", augment=crop_flip_for(32))
+
+
+@register_dataset("cifar10")
+def cifar10(data_dir: Path | None = None, image_size=None) -> DataSplits:
+    """CIFAR-10 python batches: the extracted cifar-10-batches-py/ or cifar-10-python.tar.gz."""
+    return _cifar("cifar10", data_dir, "CIFAR10")
+
+
+@register_dataset("cifar100")
+def cifar100(data_dir: Path | None = None, image_size=None) -> DataSplits:
+    """CIFAR-100 (fine labels): the extracted cifar-100-python/ or cifar-100-python.tar.gz."""
+    return _cifar("cifar100", data_dir, "CIFAR100")
+
+
+IMAGEFOLDER_SIZE = (64, 64)  # when no preset says otherwise: Tiny ImageNet's size
+
+
+@register_dataset("imagefolder")
+def imagefolder(data_dir: Path | None = None, image_size=None) -> DataSplits:
+    """An ImageFolder tree, decoded with Pillow and resized to the preset's input size.
+
+    `<dir>/train/<class>/<image>` trains (any depth below the class folder, so Tiny ImageNet's
+    `train/<wnid>/images/` works). A held-out `<dir>/val/` (same layout, or Tiny ImageNet's
+    `val/images/` + `val_annotations.txt`) is the test split; validation is a fixed stratified 10%
+    of train. With no `train/` folder, `<dir>` itself is the class tree and validation and test are
+    each a fixed stratified 10%.
+    """
+    from training.readers import (
+        IMAGEFOLDER_SOURCE,
+        ImageFileDataset,
+        image_file_stats,
+        read_val_annotations,
+        scan_image_folder,
+    )
+
+    root = _default_dir("imagefolder", data_dir)
+    if not root.is_dir():
+        raise DataError(f"expected the folder {root} — {IMAGEFOLDER_SOURCE}")
+    size = tuple(image_size) if image_size is not None else IMAGEFOLDER_SIZE
+    train_root = root / "train" if (root / "train").is_dir() else root
+    samples, classes = scan_image_folder(train_root)
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    val_root = root / "val"
+    if train_root != root and val_root.is_dir():
+        if (val_root / "val_annotations.txt").is_file():
+            test_samples = read_val_annotations(val_root, classes)
+        else:
+            test_samples, _ = scan_image_folder(val_root, classes)
+        tr, va = carve_val(labels)
+    else:
+        tr, rest = carve_val(labels, fraction=2 * VAL_FRACTION)
+        rest_val, rest_test = carve_val(labels[rest], fraction=0.5)
+        va, test_samples = rest[rest_val], [samples[i] for i in rest[rest_test]]
+    train = ImageFileDataset([samples[i] for i in tr], size)
+    mean, std = image_file_stats(train)
+    return DataSplits(
+        name="imagefolder",
+        train=train,
+        val=ImageFileDataset([samples[i] for i in va], size),
+        test=ImageFileDataset(test_samples, size),
+        class_names=classes,
+        input_shape=(3, *size),
+        mean=mean,
+        std=std,
+        default_preset="tiny-imagenet-cnn",
+        augment=crop_flip_for(size[0]),
+        info={"train": len(tr), "val": len(va), "test": len(test_samples)},
+    )

@@ -2,11 +2,19 @@
 
 Every epoch ends with weights.safetensors, train_state.pt and metrics.csv written atomically, so a
 run killed at any point (SIGKILL included) resumes from its last completed epoch. Shuffling and
-augmentation are seeded by (seed, epoch), so a resumed run takes the same path as an unbroken one.
+augmentation are seeded by (seed, epoch) (and the rank, under torchrun), so a resumed run takes the
+same path as an unbroken one, whatever the number of DataLoader workers.
+
+On CUDA the step runs under bf16 autocast with channels-last tensors; the checkpoint is saved from
+CPU copies in the standard layout, so it does not depend on the device. Under torchrun, each rank
+trains on its DistributedSampler shard of every global batch, gradients are averaged across ranks
+(training/distributed.py says why by hand rather than with DDP), metrics are summed over ranks
+and only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -19,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from model import atomic
@@ -34,8 +42,10 @@ from model.checkpoint import (
 )
 from model.config import ModelConfig
 from model.factory import build_model
+from training import distributed
 from training.data import DataSplits
 from training.diagnostics import block_report
+from training.distributed import SINGLE, DistInfo
 from training.ff_objectives import FFTrainConfig
 from training.objectives import Objective, make_objective
 
@@ -54,7 +64,7 @@ class TrainConfig(BaseModel):
 
     objective: Literal["hff", "backprop", "ff"] = "hff"
     epochs: int = Field(40, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # global: split across torchrun ranks (ceil(B / N) each)
     lr: float = Field(3e-3, gt=0)  # peak AdamW learning rate
     weight_decay: float = Field(5e-4, ge=0)  # on conv/linear weights only
     warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine decay to zero
@@ -92,40 +102,79 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator seeded by (seed, epoch, stream): 0 in one process, 1 + rank under torchrun."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch + stream * 1_000_003)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed: bf16 has float32's range); none elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Move a batch; 4-D images go channels-last on CUDA (what cuDNN's fastest kernels want)."""
+    if device.type == "cuda" and x.ndim == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
 def predict_blocks(objective: Objective, model: nn.Module, data: Dataset, batch_size: int,
-                   device: torch.device) -> tuple[list[Tensor], Tensor]:
-    """Every block's scores over a whole split, on the CPU: ([(N, classes)] * L, labels (N,))."""
+                   device: torch.device, num_workers: int = 0,
+                   info: DistInfo = SINGLE) -> tuple[list[Tensor], Tensor]:
+    """Every block's scores over a whole split, on the CPU: ([(N, classes)] * L, labels (N,)).
+
+    Under torchrun each rank scores a contiguous shard and the shards are gathered in order, so
+    every rank returns the whole split.
+    """
     model.eval()
-    chunks: list[list[Tensor]] = []
+    if info.enabled:
+        data = Subset(data, list(distributed.shard_range(len(data), info)))
+    chunks: list[Tensor] = []
     labels = []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        chunks.append([s.float().cpu() for s in objective.block_scores(model, x.to(device))])
-        labels.append(y)
-    return [torch.cat(per_block) for per_block in zip(*chunks, strict=True)], torch.cat(labels)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    for x, y in loader:
+        with autocast(device):
+            scores = objective.block_scores(model, to_device(x, device))
+        chunks.append(torch.stack([s.float() for s in scores], dim=1))  # (B, L, classes)
+        labels.append(y.to(device))
+    stacked = distributed.gather_rows(torch.cat(chunks), info).cpu()  # (N, L, classes)
+    all_labels = distributed.gather_rows(torch.cat(labels), info).cpu()
+    return list(stacked.unbind(dim=1)), all_labels
 
 
 class Trainer:
     """Trains one run into `out_dir`. Construct, then `fit()`."""
 
     def __init__(self, config: RunConfig, data: DataSplits, out_dir: str | Path,
-                 device: str = "cpu", progress: bool = True):
+                 device: str = "cpu", progress: bool = True, num_workers: int = 0,
+                 dist_info: DistInfo = SINGLE):
         self.config = config
         self.train_cfg = TrainConfig.model_validate(config.train)
         self.data = data
         self.out = Path(out_dir)
         self.device = torch.device(device)
-        self.progress = progress
+        self.dist = dist_info
+        self.progress = progress and dist_info.is_main
+        self.num_workers = num_workers
         torch.manual_seed(config.seed)
         self.model = build_model(config.model).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        distributed.broadcast_parameters(self.model, dist_info)
         self.objective = make_objective(config)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.train_cfg.weight_decay),
                                            lr=self.train_cfg.lr)
-        self.steps_per_epoch = math.ceil(len(data.train) / self.train_cfg.batch_size)
+        # Global batch B: each of N ranks takes ceil(B / N) of it, so a run's optimisation (steps,
+        # schedule, learning rate) does not change with the number of processes.
+        self.rank_batch = math.ceil(self.train_cfg.batch_size / dist_info.world_size)
+        rank_samples = math.ceil(len(data.train) / dist_info.world_size)
+        self.steps_per_epoch = math.ceil(rank_samples / self.rank_batch)
         total = self.steps_per_epoch * self.train_cfg.epochs
         warmup = round(self.train_cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -154,6 +203,8 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
 
     def _save_epoch(self, epoch: int) -> None:
+        if not self.dist.is_main:
+            return
         save_weights(self.out, self.model)
         state = {
             "epoch": epoch,
@@ -183,39 +234,70 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
         self.model.train()
-        gen = epoch_generator(self.config.seed, epoch)
-        torch.manual_seed(self.config.seed * 100_003 + epoch)  # dropout etc.
-        loader = DataLoader(self.data.train, batch_size=self.train_cfg.batch_size, shuffle=True,
-                            generator=gen, drop_last=False)
+        rank = self.dist.rank
+        torch.manual_seed(self.config.seed * 100_003 + epoch + rank * 1_000_003)  # dropout etc.
+        # The sample order is fixed before the loader starts and augmentation draws in the main
+        # process (workers only decode), so the batches do not depend on --num-workers: a
+        # RandomSampler would let worker prefetching read the shared generator ahead.
+        if self.dist.enabled:
+            sampler = DistributedSampler(self.data.train, num_replicas=self.dist.world_size,
+                                         rank=rank, shuffle=True, seed=self.config.seed)
+            sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch), as in one process
+            order: Any = sampler
+            aug_gen = epoch_generator(self.config.seed, epoch, 1 + rank)
+        else:
+            aug_gen = epoch_generator(self.config.seed, epoch)
+            # Same draws, in the same order, as the DataLoader(shuffle=True, generator=gen) of
+            # earlier versions (its worker base seed, then the permutation; see below for the
+            # last batch), so runs and checkpoints of earlier versions are reproduced exactly.
+            torch.empty((), dtype=torch.int64).random_(generator=aug_gen)
+            order = torch.randperm(len(self.data.train), generator=aug_gen).tolist()
+        n = len(self.data.train)
+        last_batch = len(order) // self.rank_batch if len(order) % self.rank_batch else -1
+        loader_args: dict[str, Any] = {"sampler": order, "generator": torch.Generator()}
+        loader = DataLoader(self.data.train, batch_size=self.rank_batch, drop_last=False,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            **loader_args)
         blocks = self.config.model.num_blocks
         loss_sum = torch.zeros(blocks, device=self.device)
         correct = torch.zeros(blocks, device=self.device)
-        seen = 0
+        seen = torch.zeros((), device=self.device)
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.train_cfg.epochs}", leave=False,
                    disable=not self.progress, unit="batch")
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
+            if i == last_batch and not self.dist.enabled:
+                # RandomSampler drew a second permutation on running out, just before it handed
+                # over a short last batch: draw it here too, to keep the earlier versions' stream.
+                torch.randperm(n, generator=aug_gen)
             if self.train_cfg.augment and self.data.augment is not None:
-                x = self.data.augment(x, gen)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x = self.data.augment(x, aug_gen)
+            x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self.objective.train_step(self.model, x, y)
+            with autocast(self.device):
+                stats = self.objective.train_step(self.model, x, y)
+            distributed.all_reduce_gradients(self.model, self.dist)
             self.optimizer.step()
             self.scheduler.step()
-            loss_sum += torch.stack(stats.loss) * len(y)
+            loss_sum += torch.stack(stats.loss).float() * len(y)
             correct += torch.stack(stats.correct).float()
             seen += len(y)
+        distributed.average_buffers(self.model, self.dist)
+        totals = distributed.all_reduce_sum(torch.cat([loss_sum, correct, seen.view(1)]), self.dist)
+        loss_sum, correct, seen = totals[:blocks], totals[blocks:2 * blocks], totals[-1]
         return (loss_sum / seen).tolist(), (correct / seen).tolist()
 
     def evaluate(self, split: Dataset) -> tuple[dict[str, list[float]], list[Tensor], Tensor]:
         scores, labels = predict_blocks(self.objective, self.model, split,
-                                        self.train_cfg.eval_batch_size, self.device)
+                                        self.train_cfg.eval_batch_size, self.device,
+                                        num_workers=self.num_workers, info=self.dist)
         loss_fn = getattr(self.objective, "score_loss", None)  # FF reports its own loss
         return block_report(scores, labels, loss_fn), scores, labels
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate and write the final artifacts."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.out, self.config)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.out, self.config)
         for epoch in range(self.start_epoch + 1, self.train_cfg.epochs + 1):
             t0 = time.perf_counter()
             train_loss, train_acc = self._train_epoch(epoch)
@@ -245,6 +327,7 @@ class Trainer:
             "train_time_s": round(self.elapsed_s, 3),
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "final_test_accuracy": test.get("final_accuracy", test["accuracy"][-1]),
+            "world_size": self.dist.world_size,
             "test": test,
             "val": val,
             "history": [r.model_dump() for r in self.history],
@@ -256,6 +339,8 @@ class Trainer:
             "test_probs": torch.stack([s.softmax(1) for s in test_scores], 1).contiguous(),
             "test_labels": test_labels,
         }
+        if not self.dist.is_main:
+            return metrics
         atomic.write_with(self.out / HELDOUT_FILE, lambda p: save_file(heldout, str(p)))
         atomic.write_json(self.out / METRICS_FILE, metrics)
         from training.plots import plot_curves, plot_separation

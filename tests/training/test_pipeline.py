@@ -1,0 +1,121 @@
+"""The input pipeline: seeded augmentation, off at evaluation, independent of DataLoader workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.config import preset_config
+from training.data import crop_flip_for, load_dataset, random_crop_flip
+from training.trainer import TrainConfig, Trainer, make_run_config
+
+
+def _images(n=16, c=3, size=32):
+    return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_crop_flip_is_deterministic_under_a_seed():
+    x = _images()
+    aug = crop_flip_for(32)
+    a = aug(x, torch.Generator().manual_seed(5))
+    b = aug(x, torch.Generator().manual_seed(5))
+    c = aug(x, torch.Generator().manual_seed(6))
+    assert a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, x)
+
+
+def test_flip_alone_mirrors_about_half_the_images():
+    x = _images(n=200)
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), pad=0, flip=True)
+    same = [(o == i).all().item() for o, i in zip(out, x, strict=True)]
+    mirrored = [(o == i.flip(2)).all().item() for o, i in zip(out, x, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 60 < sum(mirrored) < 140
+
+
+def test_crop_keeps_a_shifted_window_of_the_image():
+    x = _images(n=8, size=64)
+    out = random_crop_flip(x, torch.Generator().manual_seed(3), pad=8, flip=False)
+    for o, i in zip(out, x, strict=True):
+        # find the shift: the window must equal the zero-padded image at some offset in [-8, 8]
+        padded = torch.nn.functional.pad(i, [8] * 4)
+        assert any(torch.equal(o, padded[:, dy:dy + 64, dx:dx + 64])
+                   for dy in range(17) for dx in range(17))
+
+
+def _trainer(tmp_path, data, num_workers=0, epochs=1, augment=True):
+    model = preset_config("test-tiny", input_shape=data.input_shape, class_names=data.class_names,
+                          input_mean=data.mean, input_std=data.std)
+    config = make_run_config(model, "digits", None, seed=3,
+                             train=TrainConfig(epochs=epochs, batch_size=128, augment=augment))
+    return Trainer(config, data, tmp_path, progress=False, num_workers=num_workers)
+
+
+def test_augmentation_runs_in_training_only(tmp_path):
+    data = load_dataset("digits")
+    calls = []
+
+    def spy(x, gen):
+        calls.append(len(x))
+        return x
+
+    data.augment = spy
+    trainer = _trainer(tmp_path, data)
+    trainer.evaluate(data.val)
+    trainer.evaluate(data.test)
+    assert calls == []  # evaluation never augments
+    trainer._train_epoch(1)
+    assert sum(calls) == len(data.train)
+    calls.clear()
+    _trainer(tmp_path, data, augment=False)._train_epoch(1)
+    assert calls == []  # --no-augment
+
+
+def test_evaluation_is_deterministic(tmp_path):
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data)
+    _, a, _ = trainer.evaluate(data.val)
+    _, b, _ = trainer.evaluate(data.val)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_the_run(tmp_path):
+    data = load_dataset("digits")
+    weights = []
+    for workers in (0, 2):
+        trainer = _trainer(tmp_path / str(workers), data, num_workers=workers, epochs=1)
+        trainer.fit()
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+@pytest.mark.slow
+def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkeypatch):
+    """The CUDA path's bf16 autocast and channels-last layout, exercised on the CPU (no GPU in
+    CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain model."""
+    from model.checkpoint import load_checkpoint
+    from training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "autocast",
+                        lambda device: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(trainer_module, "to_device",
+                        lambda x, device: x.to(memory_format=torch.channels_last) if x.ndim == 4 else x)
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data)
+    trainer.model = trainer.model.to(memory_format=torch.channels_last)
+    metrics = trainer.fit()
+    conv = trainer.model.blocks[1].body[0].weight  # (8, 4, 3, 3): layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert 0.0 <= metrics["final_test_accuracy"] <= 1.0
+    _, model = load_checkpoint(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert tensor.is_contiguous() and tensor.device.type == "cpu", name
+        assert torch.equal(tensor, trainer.model.state_dict()[name].float()), name
+    heldout = load_file(str(tmp_path / "heldout_probs.safetensors"))
+    assert heldout["test_probs"].dtype == torch.float32
