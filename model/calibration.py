@@ -54,19 +54,75 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, thresholds: list[float | Non
     )
 
 
-def calibrate(probs: np.ndarray, labels: np.ndarray, epsilon: float) -> list[float | None]:
+def upper_losses(discordant: np.ndarray, losses: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided upper confidence bound on the losing share of discordant rows, as a count.
+
+    Sign test on the discordant rows (McNemar's exact test): of `discordant` rows where the early
+    block and the final block disagree on being right, `losses` are the ones the early block gets
+    wrong. Their true share q is bounded above by the Clopper-Pearson bound at `confidence`
+    (q_U with P(Binomial(n, q_U) <= losses) = 1 - confidence); the result is n * q_U, so the
+    expected net loss on these rows is at most 2 * n * q_U - n. With no discordant rows it is 0;
+    when every discordant row is a loss it is that count. `confidence` 0 gives the counts as
+    observed (no bound).
+    """
+    n = np.asarray(discordant, dtype=np.int64)
+    x = np.asarray(losses, dtype=np.int64)
+    if confidence == 0.0:
+        return x.astype(np.float64)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    # A cumulative walk repeats (n, x) pairs row after row; bound each distinct pair once.
+    pairs, back = np.unique(np.stack([n.ravel(), x.ravel()], axis=1), axis=0, return_inverse=True)
+    return _clopper_pearson_count(pairs[:, 0], pairs[:, 1], confidence)[back.ravel()].reshape(n.shape)
+
+
+def _clopper_pearson_count(n: np.ndarray, x: np.ndarray, confidence: float) -> np.ndarray:
+    """n * (one-sided upper Clopper-Pearson bound on x / n) for 1-D arrays n, x (0 where n = 0)."""
+    alpha = 1.0 - confidence
+    top = int(n.max(initial=0))
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, top + 1)))])  # (top+1,)
+    i = np.arange(top + 1)[None, :]  # (1, top+1): success counts
+    nn, xx = n[:, None], x[:, None]  # (P, 1)
+    log_comb = log_fact[nn] - log_fact[np.minimum(i, nn)] - log_fact[np.clip(nn - i, 0, None)]
+    terms = (i <= xx) & (i <= nn)  # (P, top+1): the CDF's terms P(X = i), i <= losses
+
+    def cdf(q: np.ndarray) -> np.ndarray:  # P(Binomial(n, q) <= losses), q (P, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logp = log_comb + i * np.log(q) + (nn - i) * np.log1p(-q)
+        return np.exp(np.where(terms, logp, -np.inf)).sum(axis=1, keepdims=True)
+
+    lo = np.where(nn > 0, xx / np.maximum(nn, 1), 0.0)  # (P, 1): the bound is above the estimate
+    hi = np.ones_like(lo)
+    for _ in range(50):  # bisection: the CDF falls as q rises; 2**-50 is far below a row
+        mid = (lo + hi) / 2
+        above = cdf(mid) < alpha  # mid is past the bound
+        hi = np.where(above, mid, hi)
+        lo = np.where(above, lo, mid)
+    bound = np.where(xx >= nn, 1.0, hi)  # all discordant rows lost: the share may be 1
+    return (nn * bound).ravel()
+
+
+def calibrate(probs: np.ndarray, labels: np.ndarray, epsilon: float,
+              confidence: float = 0.95) -> list[float | None]:
     """For each block k < L, the smallest threshold whose exiting rows lose at most `epsilon`.
 
-    Greedy from block 1: among the rows still in the network, a threshold t selects those with
-    max probability >= t; it is accepted when block k's accuracy on them is at least the final
-    block's accuracy on the same rows minus `epsilon`. Comparing on the same rows (rather than
-    with the final block's overall accuracy) bounds the total: every exit group loses at most
-    epsilon against the full network, so the calibrated accuracy on this split is at least the
-    full network's minus epsilon. The threshold is placed halfway between the accepted
-    confidence and the next lower one, so float rounding in another runtime cannot flip a row.
+    Greedy from block 1: among the rows still in the network, a threshold t selects the m rows
+    with max probability >= t; it is accepted when block k's accuracy on them, against the final
+    block's accuracy on the same rows, loses at most `epsilon` with probability `confidence`.
+    Only the discordant rows tell the two apart: of the n where exactly one of the two blocks is
+    right, x are block k's losses. The rule needs (2 * U - n) / m <= epsilon, U the one-sided
+    Clopper-Pearson upper bound on x (`upper_losses`, a sign test): a few lucky discordant rows
+    in a small validation split no longer buy a low threshold, which is how the point estimate
+    (`confidence` 0, (x - (n - x)) / m <= epsilon) overfits. Comparing on the same rows bounds
+    the total: every exit group loses at most epsilon against the full network, so the
+    calibrated accuracy on this split is at least the full network's minus epsilon. The threshold
+    is placed halfway between the accepted confidence and the next lower one, so float rounding
+    in another runtime cannot flip a row.
     """
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
     n, blocks, _ = probs.shape
     preds = probs.argmax(axis=2)  # (N, L)
     correct = preds == labels[:, None]  # (N, L)
@@ -77,10 +133,13 @@ def calibrate(probs: np.ndarray, labels: np.ndarray, epsilon: float) -> list[flo
         idx = np.flatnonzero(pending)
         order = idx[np.argsort(-conf[idx, k], kind="stable")]  # most confident first
         c = conf[order, k]
-        # Exiting the top m rows: block k's and the final block's correct counts on them.
-        gain = np.cumsum(correct[order, k].astype(np.int64) - correct[order, -1].astype(np.int64))
+        # Exiting the top m rows: block k's losses and wins against the final block on them.
+        early, final = correct[order, k], correct[order, -1]
+        losses = np.cumsum(final & ~early)
+        discordant = losses + np.cumsum(early & ~final)
         m = np.arange(1, len(order) + 1)
-        ok = gain >= -epsilon * m - 1e-9  # acc_k - acc_L >= -epsilon on the top m rows
+        bound = 2 * upper_losses(discordant, losses, confidence) - discordant
+        ok = bound <= epsilon * m + 1e-9  # (upper) acc_L - acc_k <= epsilon on the top m rows
         # Only cut where the confidence changes: rows with equal confidence exit together.
         boundary = np.append(c[1:] < c[:-1], True)
         valid = np.flatnonzero(ok & boundary)

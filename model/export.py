@@ -44,6 +44,7 @@ DEFAULT_OPSET = 18
 # fails on these graphs and silently falls back to 18, so lower opsets are refused up front.
 MIN_OPSET = 18
 DEFAULT_EPSILON = 0.005  # accuracy an early exit may lose against the full network (0.5 points)
+DEFAULT_CONFIDENCE = 0.95  # how sure the calibration must be that an exit stays within epsilon
 PARITY_BATCHES = (1, 7, 64)
 PARITY_ATOL = 1e-5  # on probabilities
 EXAMPLE_BATCH = 4  # > 1, so the exporter cannot specialise the batch axis to a constant
@@ -320,16 +321,18 @@ class ExportResult:
     test_full_accuracy: float  # the last block alone on test, next to the manifest's early exit
 
 
-def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float):
+def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
+                confidence: float):
     val_probs, val_labels = heldout["val_probs"], heldout["val_labels"]
     test_probs, test_labels = heldout["test_probs"], heldout["test_labels"]
     blocks = val_probs.shape[1]
-    thresholds = calibrate(val_probs, val_labels, epsilon)
+    thresholds = calibrate(val_probs, val_labels, epsilon, confidence)
     val = evaluate(val_probs, val_labels, thresholds, macs)
     full = evaluate(val_probs, val_labels, [None] * (blocks - 1), macs)
     test = evaluate(test_probs, test_labels, thresholds, macs)
     section = {
         "epsilon": epsilon,
+        "confidence": confidence,
         "thresholds": thresholds,
         "expected_exit_fraction": val.exit_fraction,
         "expected_accuracy": val.accuracy,
@@ -347,11 +350,14 @@ def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float)
 
 def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
                  opset: int = DEFAULT_OPSET, epsilon: float = DEFAULT_EPSILON,
-                 atol: float = PARITY_ATOL) -> ExportResult:
+                 atol: float = PARITY_ATOL,
+                 confidence: float = DEFAULT_CONFIDENCE) -> ExportResult:
     """Export, verify and calibrate `run_dir` into the model dir `out` (replaced atomically)."""
     check_opset(opset)
     if not 0.0 <= epsilon < 1.0:
         raise ExportError(f"epsilon must be a fraction in [0, 1) (0.005 = 0.5 points), got {epsilon}")
+    if not 0.0 <= confidence < 1.0:
+        raise ExportError(f"confidence must be in [0, 1) (0.95 = 95%; 0 = no bound), got {confidence}")
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_config(run_dir).model
     if cfg.family != "hff":
@@ -364,7 +370,7 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
     tmp = _make_temp_dir(out)
     try:
         result = _export_into(tmp, config, net, name or out.resolve().name, opset, epsilon, atol,
-                              heldout)
+                              heldout, confidence)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -375,7 +381,8 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
 
 
 def _export_into(tmp: Path, config: RunConfig, net: nn.Module, name: str, opset: int,
-                 epsilon: float, atol: float, heldout: dict[str, np.ndarray]) -> ExportResult:
+                 epsilon: float, atol: float, heldout: dict[str, np.ndarray],
+                 confidence: float) -> ExportResult:
     cfg = config.model
     input_shape = tuple(cfg.input_shape)
     full = FullGraph(net).eval()
@@ -397,7 +404,7 @@ def _export_into(tmp: Path, config: RunConfig, net: nn.Module, name: str, opset:
                        "feature_shape": list(feature_shape), "macs": macs[k - 1]})
         shape = feature_shape
     worst = verify_parity(full, tmp, cfg.num_blocks, input_shape, atol=atol)
-    early_exit, per_block, trade_off = _early_exit(heldout, macs, epsilon)
+    early_exit, per_block, trade_off = _early_exit(heldout, macs, epsilon, confidence)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -485,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                    help="accuracy an early exit may lose, as a fraction (0.005 = 0.5 points)")
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="one-sided confidence that each exit loses at most epsilon on unseen data "
+                        "(sign test on the validation rows where the exit and the final block "
+                        "disagree); 0 = trust the validation counts as they are")
     return p
 
 
@@ -499,7 +510,8 @@ def print_report(result: ExportResult) -> None:
         print(f"{label:>10}  {s.accuracy * 100:>7.2f}%  {s.mean_blocks:>11.2f}  "
               f"{s.compute_fraction * 100:>6.1f}%")
     ts = ", ".join("never" if t is None else f"{t:.4g}" for t in ee["thresholds"])
-    print(f"\ncalibrated (epsilon {ee['epsilon'] * 100:g} points): thresholds [{ts}]")
+    print(f"\ncalibrated (epsilon {ee['epsilon'] * 100:g} points at {ee['confidence'] * 100:g}% "
+          f"confidence): thresholds [{ts}]")
     print(f"{'split':>6}  {'full acc':>8}  {'early-exit acc':>14}  {'compute':>7}")
     print(f"{'val':>6}  {ee['full_accuracy'] * 100:>7.2f}%  {ee['expected_accuracy'] * 100:>13.2f}%  "
           f"{ee['compute_fraction'] * 100:>6.1f}%")
@@ -513,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = export_model(args.run_dir, args.out, name=args.name, opset=args.opset,
-                              epsilon=args.epsilon)
+                              epsilon=args.epsilon, confidence=args.confidence)
     except (ExportError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

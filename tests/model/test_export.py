@@ -24,7 +24,7 @@ MANIFEST_KEYS = {
     "test_accuracy_per_block", "created_at",
 }
 EARLY_EXIT_KEYS = {
-    "epsilon", "thresholds", "expected_exit_fraction", "expected_accuracy", "full_accuracy",
+    "epsilon", "confidence", "thresholds", "expected_exit_fraction", "expected_accuracy", "full_accuracy",
     "mean_blocks", "compute_fraction", "test_accuracy", "test_compute_fraction",
 }
 
@@ -98,6 +98,15 @@ def test_unsupported_opset_is_one_line(tmp_path, capsys, opset):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("confidence", ["1", "-0.5", "nan"])
+def test_confidence_out_of_range_is_one_line(tmp_path, capsys, confidence):
+    out = tmp_path / "m"
+    assert export.main([str(tmp_path), "--out", str(out), "--confidence", confidence]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "confidence must be in [0, 1)" in err
+    assert not out.exists()
+
+
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert export.main([str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
@@ -111,7 +120,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_cli_prints_the_trade_off_and_writes_the_model_dir(tiny_export):
     model_dir, proc = tiny_export
     assert "threshold" in proc.stdout and "mean blocks" in proc.stdout
-    assert "calibrated" in proc.stdout
+    assert "calibrated" in proc.stdout and "at 95% confidence" in proc.stdout
     names = sorted(p.name for p in model_dir.iterdir())
     assert names == ["early_exit.png", "manifest.json", "model.onnx", "stage_1.onnx", "stage_2.onnx"]
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
@@ -173,7 +182,7 @@ def test_manifest_is_complete(tiny_run, tiny_export):
     assert s2 == {"block": 2, "file": "stage_2.onnx", "input_shape": [4, 8, 8],
                   "feature_shape": [8, 4, 4], "macs": 3 * 3 * 4 * 8 * 64 + 8 * 10}
     ee = m["early_exit"]
-    assert ee["epsilon"] == 0.005 and len(ee["thresholds"]) == 1
+    assert ee["epsilon"] == 0.005 and ee["confidence"] == 0.95 and len(ee["thresholds"]) == 1
     assert len(ee["expected_exit_fraction"]) == 2
     assert sum(ee["expected_exit_fraction"]) == pytest.approx(1.0)
     assert 1.0 <= ee["mean_blocks"] <= 2.0 and 0.0 < ee["compute_fraction"] <= 1.0
