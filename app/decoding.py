@@ -52,7 +52,11 @@ def decode_array(value: Any, where: str, spec: InputSpec) -> np.ndarray:
     if arr.shape != spec.shape:
         raise ClientError(422, f"{where} has shape {list(arr.shape)}, expected "
                                f"{spec.accepted_shapes()}")
-    arr = arr.astype(np.float32)
+    return check_values(arr.astype(np.float32), where, spec)
+
+
+def check_values(arr: np.ndarray, where: str, spec: InputSpec) -> np.ndarray:
+    """Refuse NaN, infinity and pixels outside the model's input range."""
     if not np.isfinite(arr).all():
         raise ClientError(422, f"{where} contains NaN or infinity; only finite numbers are allowed")
     if arr.min() < spec.lo or arr.max() > spec.hi:
@@ -154,9 +158,4 @@ def decode_tensor(data: Any, shape: list[int], where: str, spec: InputSpec,
         raise ClientError(422, f"{where}.data has {arr.size} values, shape {shape} needs "
                                f"{shape[0] * c * h * w}")
     arr = arr.astype(np.float32).reshape(shape)  # flat or nested -> (N, C, H, W)
-    if not np.isfinite(arr).all():
-        raise ClientError(422, f"{where}.data contains NaN or infinity")
-    if arr.min() < spec.lo or arr.max() > spec.hi:
-        raise ClientError(422, f"{where}.data has values in [{arr.min():g}, {arr.max():g}], "
-                               f"expected [{spec.lo:g}, {spec.hi:g}]")
-    return arr
+    return check_values(arr, f"{where}.data", spec)
