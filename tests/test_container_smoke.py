@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -80,12 +81,6 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
 def image_size(engine: Engine, image: str) -> int:
     out = run([engine.name, "image", "inspect", "--format", "{{.Size}}", image], 60).stdout
     return int(out.strip())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digit_pngs(per_class: int) -> tuple[list[bytes], list[int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import free_port, run_module
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
@@ -49,12 +48,6 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="session")
 def digits_test_split(digits_splits) -> tuple[np.ndarray, np.ndarray]:
     return digits_splits["test"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

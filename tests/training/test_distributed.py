@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 
 from model.checkpoint import load_checkpoint
 from model.config import preset_config
+from tests.conftest import free_port
 from training import distributed
 from training.data import load_dataset
 from training.trainer import TrainConfig, Trainer, make_run_config
@@ -92,14 +92,8 @@ def _rank_main(rank: int, world: int, port: int, out: str, stop_after: int, resu
         distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out: Path, stop_after: int = 0, resume: bool = False) -> None:
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(out), stop_after, resume),
+    mp.start_processes(_rank_main, args=(2, free_port(), str(out), stop_after, resume),
                        nprocs=2, join=True, start_method="fork")
 
 
