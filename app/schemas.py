@@ -116,7 +116,7 @@ class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None  # absent when the tensor travels as binary data
     parameters: dict[str, Any] | None = None
 
 

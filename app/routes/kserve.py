@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
-from app.decoding import decode_tensor
+from app.decoding import decode_binary_tensor, decode_tensor, parse_json_body
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, describe_validation_errors, error_response
+from app.errors import ClientError, error_response
 from app.schemas import (
     ErrorResponse,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
+    V2Tensor,
     inline_refs,
 )
+from app.service import Service
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[ApiKey])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -33,7 +36,7 @@ def _check_name(service, name: str) -> None:
 @router.get("")
 async def server_metadata(service: ServiceDep) -> dict[str, Any]:
     """Server metadata."""
-    return {"name": "hff-serve", "version": "0.1.0", "extensions": []}
+    return {"name": "hff-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS)
@@ -60,40 +63,37 @@ async def model_ready(name: str, service: ServiceDep):
     return {"name": name, "ready": True}
 
 
-_INFER_BODY = {"required": True, "content": {"application/json": {
-    "schema": inline_refs(V2InferRequest.model_json_schema())}}}
+_INFER_BODY = {"required": True, "content": {
+    "application/json": {"schema": inline_refs(V2InferRequest.model_json_schema())},
+    "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary",
+        "description": "binary tensor data extension: the JSON request (its size in the "
+                       "Inference-Header-Content-Length header, the input declaring "
+                       "parameters.binary_data_size) followed by the FP32 tensor, little-endian"}},
+}}
 
 
 @router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS,
              openapi_extra={"requestBody": _INFER_BODY})
-async def infer(name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
+async def infer(name: str, request: Request, service: ServiceDep) -> JSONResponse:
     """Run inference on an FP32 tensor named `input` of shape [N, C, H, W]."""
     _check_name(service, name)
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise ClientError(415, f"content type {ctype!r} is not accepted: send application/json")
-    try:
-        payload = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"the body is not valid JSON ({e})") from None
-    try:
-        req = V2InferRequest.model_validate(payload)
-    except ValidationError as e:
-        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
-        raise ClientError(422, describe_validation_errors(errors)) from None
+    header, binary = _split_body(request.headers, await request.body())
+    req = parse_json_body(V2InferRequest, header, '{"inputs": [...]}')
     inputs = {t.name: t for t in req.inputs}
     if "input" not in inputs or len(inputs) != 1:
         raise ClientError(422, f"expected one input tensor named 'input', got {sorted(inputs)}")
     tensor = inputs["input"]
     if tensor.datatype.upper() != "FP32":
         raise ClientError(422, f"inputs[0].datatype is {tensor.datatype!r}, expected 'FP32'")
-    x = decode_tensor(tensor.data, tensor.shape, "inputs[0]", service.spec,
-                      service.settings.MAX_INSTANCES)
+    x = _input_array(tensor, binary, service)
     mode = service.parse_mode((req.parameters or {}).get("early_exit"))
     job = await service.infer(x, mode)
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
-    return {
+    # A built response skips re-validating what this code just made against response_model
+    # (which stays for the OpenAPI document): measurable at hundreds of requests a second.
+    return JSONResponse({
         "model_name": name, "model_version": service.manifest.version, "id": req.id,
         "outputs": [
             {"name": "probabilities", "shape": [n, classes], "datatype": "FP32",
@@ -101,4 +101,52 @@ async def infer(name: str, request: Request, service: ServiceDep) -> dict[str, A
             {"name": "exit_block", "shape": [n], "datatype": "INT32",
              "data": job.exit_block.tolist()},
         ],
-    }
+    })
+
+
+# The binary tensor data extension: a JSON header of this many bytes, then the raw tensors.
+BINARY_HEADER = "inference-header-content-length"
+
+
+def _split_body(headers: Headers, body: bytes) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor bytes after it); the binary part is empty without the extension."""
+    ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    raw_length = headers.get(BINARY_HEADER)
+    if raw_length is None:
+        if ctype != "application/json":
+            hint = (" (binary tensors also need the Inference-Header-Content-Length header)"
+                    if ctype == "application/octet-stream" else "")
+            raise ClientError(415, f"content type {ctype!r} is not accepted: send "
+                                   f"application/json{hint}")
+        return body, b""
+    if ctype not in ("application/json", "application/octet-stream"):
+        raise ClientError(415, f"content type {ctype!r} is not accepted: send "
+                               "application/octet-stream or application/json")
+    try:
+        length = int(raw_length)
+    except ValueError:
+        raise ClientError(400, f"Inference-Header-Content-Length is {raw_length!r}, expected the "
+                               "JSON header's size in bytes") from None
+    if not 0 < length <= len(body):
+        raise ClientError(400, f"Inference-Header-Content-Length is {length}, but the body has "
+                               f"{len(body)} bytes")
+    return body[:length], body[length:]
+
+
+def _input_array(tensor: V2Tensor, binary: bytes, service: Service) -> np.ndarray:
+    """The input tensor from its JSON `data` or from the binary part of the body."""
+    spec, limit = service.spec, service.settings.MAX_INSTANCES
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise ClientError(422, "inputs[0] has neither data nor parameters.binary_data_size")
+        if binary:
+            raise ClientError(400, f"the body has {len(binary)} bytes after the JSON header, but "
+                                   "no input declares parameters.binary_data_size")
+        return decode_tensor(tensor.data, tensor.shape, "inputs[0]", spec, limit)
+    if tensor.data is not None:
+        raise ClientError(422, "inputs[0] has both data and parameters.binary_data_size; send one")
+    if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+        raise ClientError(400, f"inputs[0].parameters.binary_data_size is {size!r}, but "
+                               f"{len(binary)} bytes follow the JSON header")
+    return decode_binary_tensor(binary, tensor.shape, "inputs[0]", spec, limit)

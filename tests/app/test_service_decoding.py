@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from app.decoding import InputSpec, decode_image, decode_instance, decode_instances, decode_tensor
+from app.decoding import (
+    InputSpec,
+    decode_binary_tensor,
+    decode_image,
+    decode_instance,
+    decode_instances,
+    decode_tensor,
+)
 from app.errors import ClientError
 from app.settings import Settings
 
@@ -101,6 +108,17 @@ def test_kserve_tensors_flat_or_nested():
     err = refused(decode_tensor, x.reshape(-1)[:-1].tolist(), [2, 1, 8, 8], "inputs[0]", GRAY, 8)
     assert "127 values" in err.message
 
+
+
+def test_binary_tensors_are_little_endian_fp32_of_the_declared_shape():
+    x = np.random.default_rng(2).random((3, 1, 8, 8)).astype(np.float32)
+    out = decode_binary_tensor(x.astype("<f4").tobytes(), [3, 8, 8], "inputs[0]", GRAY, 8)
+    assert out.shape == (3, 1, 8, 8) and out.dtype == np.float32 and out.flags.writeable
+    np.testing.assert_array_equal(out, x)
+    err = refused(decode_binary_tensor, x.tobytes()[:-1], [3, 1, 8, 8], "inputs[0]", GRAY, 8)
+    assert err.status == 422 and "767 bytes" in err.message
+    err = refused(decode_binary_tensor, x.tobytes(), [9, 1, 8, 8], "inputs[0]", GRAY, 8)
+    assert err.status == 413 and "limit is 8" in err.message
 
 def test_settings_from_environment_with_validated_limits(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text("{}")

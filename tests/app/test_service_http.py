@@ -163,6 +163,65 @@ def test_kserve_v2(client, ref, digits_test_split):
     assert out["exit_block"]["data"] == [ref.manifest["num_blocks"]] * 5
 
 
+
+def binary_infer_body(x: np.ndarray, **tensor_overrides) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 request in the binary tensor data extension: JSON header, then raw FP32."""
+    data = x.astype("<f4").tobytes()
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+              "parameters": {"binary_data_size": len(data)}, **tensor_overrides}
+    header = json.dumps({"inputs": [tensor], "parameters": {"early_exit": "off"}}).encode()
+    return header + data, {"content-type": "application/octet-stream",
+                           "inference-header-content-length": str(len(header))}
+
+
+def test_kserve_v2_binary_tensor_data(client, ref, digits_test_split):
+    x = digits_test_split[0][:5]
+    name = ref.manifest["name"]
+    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    body, headers = binary_infer_body(x)
+    r = client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    probs = np.array(out["probabilities"]["data"]).reshape(5, 10)
+    np.testing.assert_allclose(probs, ref.full_probs(x), atol=1e-5)
+
+
+def _binary_case(x, cut=0, header_length=None, content_type=None, **tensor_overrides):
+    body, headers = binary_infer_body(x, **tensor_overrides)
+    if header_length is not None:
+        headers["inference-header-content-length"] = header_length
+    if content_type is not None:
+        headers["content-type"] = content_type
+    return {"content": body[:len(body) - cut], "headers": headers}
+
+
+_X1 = np.full((1, 1, 8, 8), 0.5, dtype=np.float32)
+BINARY_MALFORMED = [
+    ("binary truncated", _binary_case(_X1, cut=4), 400, "but 252 bytes follow the JSON header"),
+    ("binary header length not a number", _binary_case(_X1, header_length="ten"), 400,
+     "Inference-Header-Content-Length is 'ten'"),
+    ("binary header length past the body", _binary_case(_X1, header_length="100000"), 400,
+     "but the body has"),
+    ("binary wrong shape", _binary_case(_X1, shape=[1, 1, 8, 4]), 422, "expected [N, 1, 8, 8]"),
+    ("binary size mismatch shape", _binary_case(np.zeros((2, 1, 8, 8), np.float32), shape=[1, 1, 8, 8]),
+     422, "512 bytes of binary data, shape [1, 1, 8, 8] in FP32 needs 256"),
+    ("binary NaN", _binary_case(np.full((1, 1, 8, 8), np.nan, np.float32)), 422, "NaN or infinity"),
+    ("binary and data both", _binary_case(_X1, data=[0.0] * 64), 422, "both data and"),
+    ("binary without header", {"content": b"\x00" * 256,
+                               "headers": {"content-type": "application/octet-stream"}}, 415,
+     "Inference-Header-Content-Length header"),
+    ("binary wrong content type", _binary_case(_X1, content_type="text/plain"), 415,
+     "'text/plain' is not accepted"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, status, words", BINARY_MALFORMED,
+                         ids=[c[0] for c in BINARY_MALFORMED])
+def test_malformed_binary_tensors_get_the_right_4xx(client, ref, case, kwargs, status, words):
+    r = client.post(f"/v2/models/{ref.manifest['name']}/infer", **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"], r.json()
+
 def test_models_route_describes_the_model(client, ref):
     info = client.get("/v1/models").json()["models"][0]
     m = ref.manifest
@@ -271,6 +330,9 @@ MALFORMED = [
     ("top_k zero", "post", "/predict", {"json": {"instances": [GOOD], "top_k": 0}}, 422, "body.top_k"),
     ("unknown model", "post", "/v2/models/nope/infer", {"json": {"inputs": []}}, 404,
      "unknown model 'nope'"),
+    ("v2 bad json", "post", "/v2/models/{name}/infer", {"content": b'{"inputs": [', "headers":
+        {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("v2 not an object", "post", "/v2/models/{name}/infer", {"json": [1]}, 422, "JSON object"),
     ("v2 wrong datatype", "post", "/v2/models/{name}/infer", {"json": {"inputs": [
         {"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT8", "data": [0] * 64}]}}, 422,
      "expected 'FP32'"),
