@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.decoding import check_count, decode_image, decode_instances
+from app.decoding import check_count, decode_image, decode_instances, parse_json_body
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, describe_validation_errors
+from app.errors import ClientError
 from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
@@ -36,20 +34,6 @@ _BODY = {
         }},
     },
 }
-
-
-def _parse_json(body: bytes) -> PredictRequest:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"the body is not valid JSON ({e})") from None
-    if not isinstance(payload, dict):
-        raise ClientError(422, 'the body must be a JSON object like {"instances": [...]}')
-    try:
-        return PredictRequest.model_validate(payload)
-    except ValidationError as e:
-        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
-        raise ClientError(422, describe_validation_errors(errors)) from None
 
 
 async def _parse_multipart(request: Request, service) -> tuple[Any, dict[str, Any]]:
@@ -79,7 +63,7 @@ async def predict(request: Request, service: ServiceDep) -> JSONResponse:
     """Classify instances; each answer names the block that made the decision."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json" or ctype.endswith("+json"):
-        req = _parse_json(await request.body())
+        req = parse_json_body(PredictRequest, await request.body(), '{"instances": [...]}')
         x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
         mode = service.parse_mode(req.early_exit.model_dump() if hasattr(req.early_exit, "model_dump")
                                   else req.early_exit)
