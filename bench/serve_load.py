@@ -13,7 +13,9 @@ Rows, all in one invocation on this machine:
       batching on, on the digits model and on cifar-cnn trained on digits32 (where the network
       costs more than the HTTP request), with test accuracy.
 The load generator is closed-loop: `concurrency` clients each send one request (one instance)
-after the other for `seconds`, after a warm-up; the bodies are encoded once, up front.
+after the other for `seconds`, after a warm-up; the bodies are encoded once, up front: JSON
+arrays on /predict, and for cifar-random also KServe v2 binary tensors (--encoding), which
+spare the server parsing 3,072 JSON numbers a request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -99,11 +102,45 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def bodies(x: np.ndarray, mode: str) -> list[bytes]:
-    """One JSON body per image, encoded once (pixels to 4 decimals, as a client would send)."""
+class Payload(NamedTuple):
+    """One pre-encoded request: where it goes, its content headers and body."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def bodies(x: np.ndarray, mode: str, encoding: str, model_name: str) -> list[Payload]:
+    """One request per image, encoded once. json: POST /predict with the pixels to 4 decimals, as
+    a client would send them; binary: KServe v2 infer with the binary tensor data extension."""
     early_exit = mode if mode in ("auto", "off") else {"threshold": float(mode)}
-    return [json.dumps({"instances": [np.round(img, 4).tolist()], "early_exit": early_exit}).encode()
-            for img in x]
+    if encoding == "json":
+        return [Payload("/predict", {"content-type": "application/json"},
+                        json.dumps({"instances": [np.round(img, 4).tolist()],
+                                    "early_exit": early_exit}).encode()) for img in x]
+    payloads = []
+    for img in x:
+        data = img[None].astype("<f4").tobytes()
+        header = json.dumps({"inputs": [{"name": "input", "shape": [1, *img.shape],
+                                         "datatype": "FP32",
+                                         "parameters": {"binary_data_size": len(data)}}],
+                             "parameters": {"early_exit": early_exit}}).encode()
+        payloads.append(Payload(f"/v2/models/{model_name}/infer",
+                                {"content-type": "application/octet-stream",
+                                 "inference-header-content-length": str(len(header))},
+                                header + data))
+    return payloads
+
+
+def first_answer(body: bytes) -> dict:
+    """{label, exit_block} of the first instance, from a /predict or a KServe v2 response."""
+    response = json.loads(body)
+    if "predictions" in response:
+        return response["predictions"][0]
+    out = {o["name"]: o["data"] for o in response["outputs"]}
+    classes = len(out["probabilities"]) // len(out["exit_block"])
+    return {"label": int(np.argmax(out["probabilities"][:classes])),
+            "exit_block": out["exit_block"][0]}
 
 
 class RawConnection:
@@ -118,13 +155,14 @@ class RawConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, payload: Payload) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = (f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\n\r\n").encode()
-        self.writer.write(head + body)
+        fields = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
+        head = (f"POST {payload.path} HTTP/1.1\r\nhost: {self.host}\r\n{fields}"
+                f"content-length: {len(payload.body)}\r\n\r\n").encode()
+        self.writer.write(head + payload.body)
         raw = await self.reader.readuntil(b"\r\n\r\n")
         lines = raw.split(b"\r\n")
         status = int(lines[0].split()[1])
@@ -141,15 +179,15 @@ class HttpxConnection:
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        r = await self.client.post(path, content=body, headers={"content-type": "application/json"})
+    async def post(self, payload: Payload) -> tuple[int, bytes]:
+        r = await self.client.post(payload.path, content=payload.body, headers=payload.headers)
         return r.status_code, r.content
 
     async def close(self) -> None:
         pass
 
 
-async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float,
+async def load(url: str, payloads: list[Payload], concurrency: int, seconds: float,
                warmup: float, client_kind: str = "raw") -> dict:
     """Closed-loop load; returns throughput, latency percentiles and the answers by payload."""
     latencies: list[float] = []  # of requests sent inside the window
@@ -170,7 +208,7 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
                     t0 = time.perf_counter()
                     if t0 >= stop_at:
                         return
-                    status, body = await conn.post("/predict", payloads[i % len(payloads)])
+                    status, body = await conn.post(payloads[i % len(payloads)])
                     t1 = time.perf_counter()
                     i += concurrency
                     if status != 200:
@@ -180,7 +218,7 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
                         done_in_window += 1
                     if t0 >= measure_from:
                         latencies.append(t1 - t0)
-                        answers[(i - concurrency) % len(payloads)] = json.loads(body)["predictions"][0]
+                        answers[(i - concurrency) % len(payloads)] = first_answer(body)
             finally:
                 await conn.close()
 
@@ -188,6 +226,16 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
     lat = np.array(latencies) * 1000
     return {"throughput": done_in_window / seconds, "p50": float(np.percentile(lat, 50)),
             "p99": float(np.percentile(lat, 99)), "answers": answers, "errors": errors}
+
+
+def run_loop(coroutine):
+    """asyncio.run, on uvloop when it is installed: the load generator shares the server's cores,
+    so every cycle it spends is taken from the server."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float) -> dict:
@@ -228,6 +276,9 @@ def main() -> int:
                    help="load generator's HTTP client (raw: minimal asyncio HTTP/1.1 keep-alive)")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="also run early exit with this one threshold at every block")
+    p.add_argument("--encoding", choices=["json", "binary"], nargs="+", default=["json", "binary"],
+                   help="request bodies for the cifar-random rows: JSON arrays on /predict, and/or "
+                        "KServe v2 binary tensors (the other models: JSON)")
     p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained"], nargs="+",
                    default=["cifar-random", "digits", "cifar-trained"])
     args = p.parse_args()
@@ -280,14 +331,15 @@ def main() -> int:
             x, y = test_images(manifest.get("dataset") or ("digits" if name == "digits" else "digits32"))
         label = f"{name} ({manifest.get('preset')})"
         modes = ["off"] if name == "cifar-random" else ["off", "auto", str(args.threshold)]
-        payloads = {m: bodies(x, m) for m in modes}
+        encodings = args.encoding if name == "cifar-random" else ["json"]
+        payloads = {(m, e): bodies(x, m, e, manifest["name"]) for m in modes for e in encodings}
         # every server of a model is up at once and idle when not loaded, so the configurations
         # can be interleaved: the machine's load drifts, the ratios between neighbours do not
         servers = {"batching": Server(model_dir, max_batch_size=mb)}
         if name != "cifar-trained":
             servers["batching off"] = Server(model_dir, max_batch_size=1)
         try:
-            configs = [(setup, mode) for setup in servers
+            configs = [(setup, mode, enc) for enc in encodings for setup in servers
                        for mode in (modes if setup == "batching" else ["off"])]
             # the ceiling at the server's batch size, and at batch 1: their ratio bounds what
             # any batching can gain on this machine
@@ -296,16 +348,17 @@ def main() -> int:
                             for _ in range(args.repeats)]
                 emit(label, f"onnxruntime in process, batch {batch}", "off", "-", ceilings)
             for conc in args.concurrency:
-                runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+                runs: dict[tuple[str, str, str], list[dict]] = {c: [] for c in configs}
                 for _ in range(args.repeats):
-                    for setup, mode in configs:
-                        runs[setup, mode].append(asyncio.run(load(
-                            servers[setup].url, payloads[mode], conc, args.seconds, args.warmup,
-                            args.client)))
-                for setup, mode in configs:
+                    for setup, mode, enc in configs:
+                        runs[setup, mode, enc].append(run_loop(load(
+                            servers[setup].url, payloads[mode, enc], conc, args.seconds,
+                            args.warmup, args.client)))
+                for setup, mode, enc in configs:
                     max_batch = mb if setup == "batching" else 1
-                    emit(label, f"{setup} (max batch {max_batch})", mode, conc, runs[setup, mode],
-                         y)
+                    via = ", KServe binary" if enc == "binary" else ""
+                    emit(label, f"{setup} (max batch {max_batch}){via}", mode, conc,
+                         runs[setup, mode, enc], y)
         finally:
             for server in servers.values():
                 server.close()
