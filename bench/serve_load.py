@@ -14,8 +14,8 @@ Rows, all in one invocation on this machine:
       costs more than the HTTP request), with test accuracy.
 The load generator is closed-loop: `concurrency` clients each send one request (one instance)
 after the other for `seconds`, after a warm-up; the bodies are encoded once, up front: JSON
-arrays on /predict, and for cifar-random also KServe v2 binary tensors (--encoding), which
-spare the server parsing 3,072 JSON numbers a request.
+arrays on /predict, and for the 3x32x32 models also KServe v2 binary tensors (--encoding),
+which spare the server parsing 3,072 JSON numbers a request.
 """
 
 from __future__ import annotations
@@ -277,8 +277,8 @@ def main() -> int:
     p.add_argument("--threshold", type=float, default=0.9,
                    help="also run early exit with this one threshold at every block")
     p.add_argument("--encoding", choices=["json", "binary"], nargs="+", default=["json", "binary"],
-                   help="request bodies for the cifar-random rows: JSON arrays on /predict, and/or "
-                        "KServe v2 binary tensors (the other models: JSON)")
+                   help="request bodies for the 3x32x32 models: JSON arrays on /predict, and/or "
+                        "KServe v2 binary tensors (the digits model: JSON)")
     p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained"], nargs="+",
                    default=["cifar-random", "digits", "cifar-trained"])
     args = p.parse_args()
@@ -331,7 +331,7 @@ def main() -> int:
             x, y = test_images(manifest.get("dataset") or ("digits" if name == "digits" else "digits32"))
         label = f"{name} ({manifest.get('preset')})"
         modes = ["off"] if name == "cifar-random" else ["off", "auto", str(args.threshold)]
-        encodings = args.encoding if name == "cifar-random" else ["json"]
+        encodings = args.encoding if name != "digits" else ["json"]  # 64 numbers: JSON is fine
         payloads = {(m, e): bodies(x, m, e, manifest["name"]) for m in modes for e in encodings}
         # every server of a model is up at once and idle when not loaded, so the configurations
         # can be interleaved: the machine's load drifts, the ratios between neighbours do not
