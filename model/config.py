@@ -138,6 +138,13 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**args)
 
 
+def _rgb_input(size: int) -> dict[str, Any]:
+    """A size x size RGB input with placeholder statistics; training replaces them with the data
+    set's own (the exporter bakes in whichever the checkpoint holds)."""
+    return {"input_shape": (3, size, size), "input_mean": [0.5, 0.5, 0.5],
+            "input_std": [0.25, 0.25, 0.25]}
+
+
 def _conv(width: int, layers: int = 1, downsample: str = "none", **kw: Any) -> dict[str, Any]:
     return {"kind": "conv", "width": width, "layers": layers, "downsample": downsample, **kw}
 
@@ -155,9 +162,7 @@ def digits_cnn() -> dict[str, Any]:
 def cifar_cnn() -> dict[str, Any]:
     """VGG-style stack of 5 conv blocks for 3x32x32: 32 -> 16 -> 8 -> 4 -> 2 -> 2."""
     return {
-        "input_shape": (3, 32, 32),
-        "input_mean": [0.5, 0.5, 0.5],
-        "input_std": [0.25, 0.25, 0.25],
+        **_rgb_input(32),
         "blocks": [
             _conv(64, downsample="maxpool"),
             _conv(128, downsample="maxpool"),
@@ -167,7 +172,6 @@ def cifar_cnn() -> dict[str, Any]:
         ],
         "pool_grid": 2,
     }
-
 
 
 @register_preset
@@ -180,9 +184,7 @@ def cifar_deep_cnn() -> dict[str, Any]:
     than 17% (bench/train_memory.py --preset cifar-deep-cnn).
     """
     return {
-        "input_shape": (3, 32, 32),
-        "input_mean": [0.5, 0.5, 0.5],
-        "input_std": [0.25, 0.25, 0.25],
+        **_rgb_input(32),
         "blocks": [
             _conv(32), _conv(32), _conv(32), _conv(32, downsample="maxpool"),
             _conv(64), _conv(64), _conv(64, downsample="maxpool"),
@@ -191,6 +193,7 @@ def cifar_deep_cnn() -> dict[str, Any]:
         ],
         "pool_grid": 2,
     }
+
 
 @register_preset
 def mnist_cnn() -> dict[str, Any]:
@@ -210,9 +213,7 @@ def mnist_cnn() -> dict[str, Any]:
 def tiny_imagenet_cnn() -> dict[str, Any]:
     """VGG-style stack of 6 conv blocks for 3x64x64 (Tiny ImageNet): 64 -> 32 -> 16 -> 8 -> 4 -> 2."""
     return {
-        "input_shape": (3, 64, 64),
-        "input_mean": [0.5, 0.5, 0.5],
-        "input_std": [0.25, 0.25, 0.25],
+        **_rgb_input(64),
         "blocks": [
             _conv(64, downsample="maxpool"),
             _conv(128, downsample="maxpool"),
