@@ -10,6 +10,7 @@ import binascii
 import io
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +24,12 @@ IMAGE_FORMATS = ["PNG", "JPEG"]
 
 
 Body = TypeVar("Body", bound=BaseModel)
+
+
+def media_type(headers: Mapping[str, str], default: str = "") -> str:
+    """The Content-Type without its parameters, lower case: 'application/json; charset=utf-8'
+    -> 'application/json'."""
+    return headers.get("content-type", default).split(";")[0].strip().lower()
 
 
 def parse_json_body(model: type[Body], body: bytes, example: str) -> Body:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from app.decoding import decode_binary_tensor, decode_tensor, parse_json_body
+from app.decoding import decode_binary_tensor, decode_tensor, media_type, parse_json_body
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, error_response
 from app.schemas import (
@@ -110,7 +110,7 @@ BINARY_HEADER = "inference-header-content-length"
 
 def _split_body(headers: Headers, body: bytes) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor bytes after it); the binary part is empty without the extension."""
-    ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    ctype = media_type(headers, "application/json")
     raw_length = headers.get(BINARY_HEADER)
     if raw_length is None:
         if ctype != "application/json":

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from app.decoding import check_count, decode_image, decode_instances, parse_json_body
+from app.decoding import (
+    check_count,
+    decode_image,
+    decode_instances,
+    media_type,
+    parse_json_body,
+)
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError
 from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
@@ -61,7 +67,7 @@ async def _parse_multipart(request: Request, service) -> tuple[Any, dict[str, An
              openapi_extra={"requestBody": _BODY})
 async def predict(request: Request, service: ServiceDep) -> JSONResponse:
     """Classify instances; each answer names the block that made the decision."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request.headers)
     if ctype == "application/json" or ctype.endswith("+json"):
         req = parse_json_body(PredictRequest, await request.body(), '{"instances": [...]}')
         x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
