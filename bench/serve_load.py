@@ -76,16 +76,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, **settings):
+    """`python -m app` from `source` (this checkout, or another one to compare with)."""
+
+    def __init__(self, model_dir: Path, source: Path = REPO, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HFF_")}
-        env["PYTHONPATH"] = str(REPO)
+        env["PYTHONPATH"] = str(source)
         env.update({f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
         env["HFF_LOG_LEVEL"] = "warning"
         self.proc = subprocess.Popen([sys.executable, "-m", "app", "--model-dir", str(model_dir),
-                                      "--port", str(self.port)], cwd=REPO, env=env)
-        deadline = time.monotonic() + 300
+                                      "--port", str(self.port)], cwd=source, env=env)
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"server for {model_dir} exited with {self.proc.returncode}")
@@ -95,7 +97,8 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise SystemExit(f"server for {model_dir} not ready in 300 s")
+        self.proc.kill()
+        raise SystemExit(f"server for {model_dir} not ready in 120 s")
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

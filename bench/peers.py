@@ -1,0 +1,278 @@
+"""hff-serve against mosec and LitServe serving the same model.onnx, loaded by wrk side by side.
+
+Usage (make export prepares models/digits; the cifar-cnn model with random weights is made here):
+    python bench/peers.py --digits models/digits [--cifar models/cifar-random] \
+        [--servers hff mosec litserve] [--connections 1 64 256] [--seconds 5] [--repeats 3]
+
+Each request carries one instance. The digits model gets JSON on every server ({"instances":
+[8x8 array]} to /predict, to mosec's /inference and to LitServe's /predict); hff-serve also gets
+the same instance as a KServe v2 binary tensor. Every server is up at once and idle when not
+loaded, and the servers are interleaved within each repeat, so the machine's drift lands on all of
+them alike. The load is wrk (`-t2`, or `-t1` for one connection; a Lua script posts the body) or,
+without wrk, bench/serve_load.py's closed-loop uvloop generator. --cifar adds cifar-cnn over
+KServe binary at 64 connections against the in-process onnxruntime ceiling at batch 64.
+Peers: bench/peer_servers.py (what each runs, and its settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a package
+    REPO,
+    Payload,
+    Server,
+    ceiling,
+    free_port,
+    load,
+    make_random_cifar,
+    run_loop,
+)
+
+# hff-serve configurations by name: HFF_* settings on top of the defaults.
+HFF_CONFIGS: dict[str, dict[str, str]] = {"hff": {}, "hff-granian": {"server": "granian"}}
+
+
+class Peer:
+    """A peer server (bench/peer_servers.py) on a free port; ready once it answers `probe`."""
+
+    def __init__(self, kind: str, model_dir: Path, path: str, probe: Payload):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.path = path
+        self.proc = subprocess.Popen([sys.executable, str(BENCH / "peer_servers.py"), kind,
+                                      str(model_dir), str(self.port)], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # its own group: workers included
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{kind} exited with {self.proc.returncode}")
+            try:
+                r = httpx.post(self.url + path, content=probe.body, headers=probe.headers, timeout=5)
+                if r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise SystemExit(f"{kind} not ready in 120 s")
+
+    def close(self) -> None:
+        """SIGTERM to the peer's whole process group (its worker processes too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("PEERS_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+for line in io.lines(os.getenv("PEERS_HEADERS")) do
+  local k, v = line:match("^([^:]+): (.*)$")
+  wrk.headers[k] = v
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("PEERS %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status))
+  io.write(string.format("PEERS_SOCKET %d\\n", e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def wrk_load(url: str, payload: Payload, connections: int, seconds: float, work: Path) -> dict:
+    """One wrk run: requests/s, p50/p99 ms, non-2xx answers and socket errors."""
+    (work / "body").write_bytes(payload.body)
+    (work / "headers").write_text("".join(f"{k}: {v}\n" for k, v in payload.headers.items()))
+    (work / "post.lua").write_text(WRK_SCRIPT)
+    env = {**os.environ, "PEERS_BODY": str(work / "body"), "PEERS_HEADERS": str(work / "headers")}
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}",
+                          f"-d{seconds:g}s", "--timeout", "10s", "-s", str(work / "post.lua"),
+                          url + payload.path], env=env, capture_output=True, text=True, check=True)
+    fields = dict(line.split(" ", 1) for line in out.stdout.splitlines()
+                  if line.startswith("PEERS"))
+    requests, duration_us, p50_us, p99_us, status = map(int, fields["PEERS"].split())
+    return {"throughput": requests / (duration_us / 1e6), "p50": p50_us / 1000, "p99": p99_us / 1000,
+            "non2xx": status, "socket": int(fields["PEERS_SOCKET"])}
+
+
+def fallback_load(url: str, payload: Payload, connections: int, seconds: float, work: Path) -> dict:
+    r = run_loop(load(url, [payload], connections, seconds, warmup=0.5))
+    return {"throughput": r["throughput"], "p50": r["p50"], "p99": r["p99"],
+            "non2xx": r["errors"], "socket": 0}
+
+
+def json_payload(path: str, x: np.ndarray) -> Payload:
+    return Payload(path, {"content-type": "application/json"},
+                   json.dumps({"instances": [np.round(x, 4).tolist()]}).encode())
+
+
+def kserve_binary_payload(model_name: str, x: np.ndarray, early_exit: str | None = None) -> Payload:
+    data = x[None].astype("<f4").tobytes()
+    header = {"inputs": [{"name": "input", "shape": [1, *x.shape], "datatype": "FP32",
+                          "parameters": {"binary_data_size": len(data)}}]}
+    if early_exit is not None:
+        header["parameters"] = {"early_exit": early_exit}
+    raw = json.dumps(header).encode()
+    return Payload(f"/v2/models/{model_name}/infer",
+                   {"content-type": "application/octet-stream",
+                    "inference-header-content-length": str(len(raw))}, raw + data)
+
+
+def versions() -> str:
+    names = ["onnxruntime", "uvicorn", "granian", "fastapi", "mosec", "litserve"]
+    found = []
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found.append(f"{name} {version(name)}")
+    return ", ".join(found)
+
+
+class Target(NamedTuple):
+    name: str  # the table's server column
+    url: str
+    payload: Payload
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--digits", type=Path, default=REPO / "models/digits")
+    p.add_argument("--cifar", type=Path, default=None,
+                   help="also cifar-cnn over KServe binary at 64 connections vs the in-process "
+                        "ceiling (made with random weights when the dir is missing)")
+    p.add_argument("--servers", nargs="+", default=["hff", "mosec", "litserve"],
+                   choices=[*HFF_CONFIGS, "mosec", "litserve"])
+    p.add_argument("--connections", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--designs", type=Path, nargs="+", default=[],
+                   help="also hff-serve from these source trees (e.g. `git archive main app | tar "
+                        "-x -C /tmp/base`), each as hff@<dir name>, to compare designs in one run")
+    p.add_argument("--no-binary", action="store_true", help="skip hff-serve's KServe binary rows")
+    p.add_argument("--load", choices=["wrk", "uvloop"], default="wrk" if shutil.which("wrk") else "uvloop")
+    args = p.parse_args()
+    args.digits = args.digits.resolve()
+    if args.cifar is not None:
+        args.cifar = args.cifar.resolve()
+    designs = {f"hff@{d.name}": d.resolve() for d in args.designs}
+    if not (args.digits / "manifest.json").is_file():
+        raise SystemExit(f"{args.digits} is not a model dir (make export writes models/digits)")
+    if args.cifar is not None and not (args.cifar / "manifest.json").is_file():
+        print(f"exporting random cifar-cnn to {args.cifar} ...", file=sys.stderr)
+        make_random_cifar(args.cifar)
+    run_one = wrk_load if args.load == "wrk" else fallback_load
+
+    print(f"# machine: {platform.processor() or platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} usable cores, load average {os.getloadavg()[0]:.1f}; "
+          f"python {platform.python_version()}, {versions()}; load: {args.load}")
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# medians of {args.repeats} interleaved runs of {args.seconds:g} s "
+          "(min-max requests/s in brackets); one instance per request")
+
+    from training.data import load_dataset
+
+    image = load_dataset("digits").test.tensors[0][0].numpy()  # (1, 8, 8)
+    digits = json.loads((args.digits / "manifest.json").read_text())
+    started: list = []
+    targets: list[Target] = []
+    try:
+        for name in [*designs, *args.servers]:
+            if name in HFF_CONFIGS or name in designs:
+                server = (Server(args.digits, source=designs[name]) if name in designs
+                          else Server(args.digits, **HFF_CONFIGS[name]))
+                started.append(server)
+                targets.append(Target(f"{name} (JSON /predict)", server.url,
+                                      json_payload("/predict", image)))
+                if not args.no_binary:
+                    targets.append(Target(f"{name} (KServe binary)", server.url,
+                                          kserve_binary_payload(digits["name"], image)))
+            else:
+                path = "/inference" if name == "mosec" else "/predict"
+                payload = json_payload(path, image)
+                peer = Peer(name, args.digits, path, payload)
+                started.append(peer)
+                targets.append(Target(f"{name} (JSON)", peer.url, payload))
+        print("\n| model | server | connections | requests/s | p50 ms | p99 ms | non-2xx |")
+        print("|---|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            for conns in args.connections:
+                for t in targets:  # warm-up: connections opened, caches and batch sizes hot
+                    run_one(t.url, t.payload, conns, 1, work)
+                runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+                for _ in range(args.repeats):
+                    for t in targets:
+                        runs[t.name].append(run_one(t.url, t.payload, conns, args.seconds, work))
+                for t in targets:
+                    emit("digits", t.name, conns, runs[t.name])
+        if args.cifar is not None:
+            cifar_rows(args, run_one)
+    finally:
+        for s in started:
+            s.close()
+    return 0
+
+
+def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
+    tput = [r["throughput"] for r in runs]
+    med = lambda key: float(np.median([r[key] for r in runs]))  # noqa: E731
+    bad = sum(r["non2xx"] for r in runs)
+    socket = sum(r["socket"] for r in runs)
+    p99 = med("p99")
+    print(f"| {model} | {name} | {conns} | {np.median(tput):,.0f} ({min(tput):,.0f}-{max(tput):,.0f}) "
+          f"| {med('p50'):.2f} | {'-' if np.isnan(p99) else f'{p99:.2f}'} | {bad}"
+          f"{f' (+{socket} socket errors)' if socket else ''} |", flush=True)
+
+
+def cifar_rows(args: argparse.Namespace, run_one) -> None:
+    """cifar-cnn, early exit off, KServe binary at 64 connections, interleaved with the ceiling."""
+    manifest = json.loads((args.cifar / "manifest.json").read_text())
+    shape = manifest["input"]["shape"]
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    server = Server(args.cifar)
+    payload = kserve_binary_payload(manifest["name"], image, early_exit="off")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            run_one(server.url, payload, 64, 1, work)
+            served, ceilings = [], []
+            for _ in range(args.repeats):
+                ceilings.append({**ceiling(args.cifar, 64, shape, args.seconds), "non2xx": 0,
+                                 "socket": 0})
+                served.append(run_one(server.url, payload, 64, args.seconds, work))
+        emit("cifar-cnn", "onnxruntime in process, batch 64 (instances/s)", "-", ceilings)
+        emit("cifar-cnn", "hff (KServe binary, early exit off)", 64, served)
+        ratio = np.median([r["throughput"] for r in served]) / np.median(
+            [r["throughput"] for r in ceilings])
+        print(f"# cifar-cnn served / ceiling: {ratio:.0%}")
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
