@@ -97,6 +97,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hff-infer")
         self.accepted_requests = 0
         self.answered_requests = 0
+        # read when /metrics is scraped: no lock taken per request to keep the gauges current
+        metrics.queue_depth.set_function(lambda: self._queued_rows)
+        metrics.in_flight.set_function(lambda: self._in_flight)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -138,8 +141,6 @@ class Batcher:
         self._queued_rows += n
         self._in_flight += n
         self.accepted_requests += 1
-        self.metrics.queue_depth.set(self._queued_rows)
-        self.metrics.in_flight.set(self._in_flight)
         self._arrived.set()
         return job
 
@@ -169,7 +170,6 @@ class Batcher:
             limit -= piece.rows
             self._queued_rows -= piece.rows
             self.metrics.queue_wait.observe(now - piece.job.enqueued)
-        self.metrics.queue_depth.set(self._queued_rows)
         return taken
 
     async def _collect_forever(self) -> None:
@@ -306,7 +306,6 @@ class Batcher:
     def _release(self, job: Job, rows: int) -> None:
         job.remaining -= rows
         self._in_flight -= rows
-        self.metrics.in_flight.set(self._in_flight)
         if job.remaining == 0:
             self.answered_requests += 1
             if not job.future.done():

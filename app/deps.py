@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -19,11 +20,17 @@ async def get_service(request: Request) -> Service:
 
 async def require_api_key(request: Request) -> None:
     """401 unless the configured key comes as `X-API-Key` or `Authorization: Bearer <key>`."""
-    key = request.app.state.service.settings.API_KEY
+    check_api_key(request.app.state.service, request.headers)
+
+
+def check_api_key(service: Service, headers: Mapping[str, str]) -> None:
+    """The API-key check itself, for the dependency and for the hot routes (app/middleware.py);
+    `headers` maps lower-case names to values."""
+    key = service.settings.API_KEY
     if key is None:
         return
-    supplied = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
+    supplied = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
     if supplied is None and auth.lower().startswith("bearer "):
         supplied = auth[7:].strip()
     challenge = {"WWW-Authenticate": "Bearer"}

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from app.batcher import Batcher
 from app.errors import install_error_handlers
 from app.manifest import ModelDirError
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import ServiceMiddleware
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
@@ -58,19 +59,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await service.batcher.stop()
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with app/middleware.py's layer outside all of its own (Starlette's error
+    middleware included): the hot routes pass through nothing else."""
+
+    def build_middleware_stack(self):  # type: ignore[no-untyped-def]
+        return ServiceMiddleware(super().build_middleware_stack(), self.state.service)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service for `settings` (default: from HFF_* environment variables)."""
     settings = settings or Settings()
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
-    app = FastAPI(title="HFF serve", version="0.1.0", lifespan=lifespan,
-                  description="Hyperspherical Forward-Forward inference with dynamic batching "
-                              "and per-sample early exit.")
+    app = ServiceApp(title="HFF serve", version="0.1.0", lifespan=lifespan,
+                     description="Hyperspherical Forward-Forward inference with dynamic batching "
+                                 "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
-    app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
@@ -96,6 +103,35 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and captured:
             # uvicorn re-raises captured signals after shutdown; a drained SIGTERM exits 0 instead
             captured.remove(sig)
+
+
+def http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with one write per response (app/http.py), when httptools is
+    installed (the serve extra installs it); otherwise uvicorn's own choice."""
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    from app.http import CoalescingHttpToolsProtocol
+
+    return CoalescingHttpToolsProtocol
+
+
+def serve_granian(settings: Settings) -> int:
+    """Serve on Granian's RSGI interface (app/rsgi.py) in one worker process, which builds the
+    app from HFF_* variables: the command line's settings are passed on that way."""
+    try:
+        from granian import Granian
+    except ImportError:
+        print(f"{PROG}: error: HFF_SERVER=granian needs the granian extra "
+              "(pip install 'hff-serve[granian]')", file=sys.stderr)
+        return 2
+    os.environ.update(HFF_MODEL_DIR=str(settings.MODEL_DIR.resolve()), HFF_HOST=settings.HOST,
+                      HFF_PORT=str(settings.PORT))
+    server = Granian("app.rsgi:create_rsgi_app", factory=True, interface="rsgi",
+                     address=settings.HOST, port=settings.PORT, workers=1, runtime_mode="st",
+                     loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                     log_level=settings.LOG_LEVEL, log_access=False)
+    server.serve()
+    return 0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -127,12 +163,16 @@ def describe_settings_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.LOG_LEVEL.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args)
-        logging.basicConfig(level=settings.LOG_LEVEL.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings)
         app = create_app(settings)
     except ValidationError as e:
         print(f"{PROG}: error: {describe_settings_error(e)}", file=sys.stderr)
@@ -140,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelDirError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT,
+    if settings.SERVER == "granian":
+        return serve_granian(settings)
+    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=http_protocol(),
+                            proxy_headers=False,  # nothing here reads the client's address
                             log_level=settings.LOG_LEVEL, access_log=False,
                             timeout_graceful_shutdown=None)
     server = DrainingServer(config, app.state.service)

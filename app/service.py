@@ -84,8 +84,9 @@ class Service:
         except ShuttingDown as e:
             raise ClientError(503, str(e), {"Retry-After": "5"}) from None
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future),
-                                          self.settings.REQUEST_TIMEOUT_S)
+            # A timeout or a cancellation cancels job.future itself; the batcher skips done futures.
+            async with asyncio.timeout(self.settings.REQUEST_TIMEOUT_S):
+                return await job.future
         except TimeoutError:
             self.batcher.abandon(job)
             raise ClientError(504, f"the request was not answered within "
@@ -99,17 +100,21 @@ class Service:
         names = self.manifest.class_names
         k = min(top_k, len(names))
         assert job.probs is not None and job.exit_block is not None
-        order = np.argsort(-job.probs, axis=1, kind="stable")[:, :k]  # (N, k)
+        if k == 1:  # argmax picks the first of tied maxima, as the stable sort below does
+            order = job.probs.argmax(axis=1)[:, None]  # (N, 1)
+        else:
+            order = np.argsort(-job.probs, axis=1, kind="stable")[:, :k]  # (N, k)
+        # Python floats and ints once per array: cheaper than a numpy scalar per value
+        probs, exits = job.probs.tolist(), job.exit_block.tolist()
         out = []
-        for i, (p, top) in enumerate(zip(job.probs, order, strict=True)):
-            label = int(top[0])
+        for i, (p, top) in enumerate(zip(probs, order.tolist(), strict=True)):
+            label = top[0]
             pred: dict[str, Any] = {
                 "label": label,
                 "class_name": names[label],
-                "confidence": float(p[label]),
-                "exit_block": int(job.exit_block[i]),
-                "top_k": [{"label": int(j), "class_name": names[j], "probability": float(p[j])}
-                          for j in top],
+                "confidence": p[label],
+                "exit_block": exits[i],
+                "top_k": [{"label": j, "class_name": names[j], "probability": p[j]} for j in top],
             }
             if job.blocks is not None:
                 pred["blocks"] = [{"block": b["block"], "probabilities": b["probabilities"].tolist(),

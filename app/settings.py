@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     EARLY_EXIT: str | float = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
     API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
+    # the HTTP server: uvicorn, or granian (the granian extra; Rust HTTP and the RSGI interface)
+    SERVER: Literal["uvicorn", "granian"] = "uvicorn"
 
     @field_validator("MODEL_DIR")
     @classmethod

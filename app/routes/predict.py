@@ -18,7 +18,14 @@ from app.decoding import (
 )
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError
-from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
+from app.schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    ThresholdMode,
+    inline_refs,
+)
+from app.service import Service
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
 
@@ -68,24 +75,35 @@ async def _parse_multipart(request: Request, service) -> tuple[Any, dict[str, An
 async def predict(request: Request, service: ServiceDep) -> JSONResponse:
     """Classify instances; each answer names the block that made the decision."""
     ctype = media_type(request.headers)
-    if ctype == "application/json" or ctype.endswith("+json"):
-        req = parse_json_body(PredictRequest, await request.body(), '{"instances": [...]}')
-        x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
-        mode = service.parse_mode(req.early_exit.model_dump() if hasattr(req.early_exit, "model_dump")
-                                  else req.early_exit)
-        top_k, return_blocks = req.top_k, req.return_blocks
-    elif ctype == "multipart/form-data":
-        rows, options = await _parse_multipart(request, service)
-        x = np.stack(rows)  # N x (C, H, W) -> (N, C, H, W)
-        mode = service.parse_mode(options.get("early_exit"))
-        top_k = _form_int(options.get("top_k", "1"), "top_k")
-        return_blocks = str(options.get("return_blocks", "false")).lower() in ("1", "true", "yes")
-    else:
+    if is_json(ctype):  # app/middleware.py answers these itself; this serves direct ASGI use
+        return JSONResponse(await predict_json(service, await request.body()))
+    if ctype != "multipart/form-data":
         raise ClientError(415, f"content type {ctype or '(none)'!r} is not accepted: send "
                                "application/json or multipart/form-data")
+    rows, options = await _parse_multipart(request, service)
+    x = np.stack(rows)  # N x (C, H, W) -> (N, C, H, W)
+    mode = service.parse_mode(options.get("early_exit"))
+    top_k = _form_int(options.get("top_k", "1"), "top_k")
+    return_blocks = str(options.get("return_blocks", "false")).lower() in ("1", "true", "yes")
     job = await service.infer(x, mode, return_blocks)
     return JSONResponse({"model": service.model_ref(),
                          "predictions": service.predictions(job, top_k)})
+
+
+def is_json(ctype: str) -> bool:
+    return ctype == "application/json" or ctype.endswith("+json")
+
+
+async def predict_json(service: Service, body: bytes) -> dict[str, Any]:
+    """A JSON /predict body -> the response body: the one implementation, for the FastAPI route
+    and for the hot path in app/middleware.py."""
+    req = parse_json_body(PredictRequest, body, '{"instances": [...]}')
+    x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
+    early_exit = req.early_exit
+    mode = service.parse_mode(early_exit.threshold if isinstance(early_exit, ThresholdMode)
+                              else early_exit)
+    job = await service.infer(x, mode, req.return_blocks)
+    return {"model": service.model_ref(), "predictions": service.predictions(job, req.top_k)}
 
 
 def _form_int(value: Any, name: str) -> int:

@@ -100,12 +100,17 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(digits_model_dir, tmp_path_factory):
+# Every HTTP server hff-serve runs on (HFF_SERVER); the test extra installs granian.
+SERVERS = ["uvicorn", "granian"]
+
+
+@pytest.fixture(scope="session", params=SERVERS)
+def server(request, digits_model_dir, tmp_path_factory):
     """The digits model behind an API key, small limits so the limit cases are cheap to send."""
     srv = ServerProcess(digits_model_dir, tmp_path_factory.mktemp("server") / "server.log",
                         api_key=API_KEY, max_batch_size=32, max_batch_wait_ms=5,
-                        max_instances=64, max_body_bytes=256 * 1024, threads=1)
+                        max_instances=64, max_body_bytes=256 * 1024, threads=1,
+                        server=request.param)
     yield srv
     srv.stop()
     assert "Traceback" not in srv.log(), srv.log()  # no request may have hit a bug

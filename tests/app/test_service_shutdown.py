@@ -15,7 +15,7 @@ import uvicorn
 
 from app.main import DrainingServer, create_app
 from app.settings import Settings
-from tests.app.conftest import ServerProcess
+from tests.app.conftest import SERVERS, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +49,12 @@ def test_sigterm_marks_not_ready_and_refuses_new_work(digits_model_dir, digits_t
     assert live.status_code == 200
 
 
+@pytest.mark.parametrize("server", SERVERS)
 def test_sigterm_during_load_loses_no_accepted_request(digits_model_dir, digits_test_split,
-                                                       tmp_path):
+                                                       tmp_path, server):
     # batch size 1 and one thread: 24 x 64 rows take a while, so SIGTERM lands mid-load
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", max_batch_size=1,
-                        max_batch_wait_ms=0, max_instances=64, threads=1)
+                        max_batch_wait_ms=0, max_instances=64, threads=1, server=server)
     x = digits_test_split[0][:64]
     want = ort.InferenceSession(str(digits_model_dir / "model.onnx")).run(None, {"input": x})[-1]
     body = {"instances": x.tolist(), "early_exit": "off"}
