@@ -17,13 +17,13 @@ from pydantic import ValidationError
 
 from app.batcher import Batcher
 from app.errors import install_error_handlers
-from app.manifest import ModelDirError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.model_dir import ModelDirError
 
 log = logging.getLogger("app")
 PROG = "hff-serve"

@@ -27,7 +27,8 @@ class Service:
         self.runtime = runtime
         self.metrics = metrics
         self.manifest = runtime.manifest
-        self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range)
+        self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range,
+                              self.manifest.input.resize)
         self.batcher: Batcher | None = None
         self.warmed = False
         self.draining = False

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.model_dir import MANIFEST_FILE
+
 
 def parse_early_exit(value: str | float) -> str | float:
     """'auto', 'off' or a max-softmax threshold in (0, 1]; the error names the valid forms."""
@@ -52,8 +54,8 @@ class Settings(BaseSettings):
     def _model_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"model dir {v} does not exist (export one with hff-export)")
-        if not (v / "manifest.json").is_file():
-            raise ValueError(f"{v} holds no manifest.json: not a model dir written by hff-export")
+        if not (v / MANIFEST_FILE).is_file():
+            raise ValueError(f"{v} holds no {MANIFEST_FILE}: not a model dir written by hff-export")
         return v
 
     @field_validator("EARLY_EXIT", mode="before")
