@@ -87,8 +87,7 @@ async def infer(name: str, request: Request, service: ServiceDep) -> JSONRespons
     if tensor.datatype.upper() != "FP32":
         raise ClientError(422, f"inputs[0].datatype is {tensor.datatype!r}, expected 'FP32'")
     x = _input_array(tensor, binary, service)
-    mode = service.parse_mode((req.parameters or {}).get("early_exit"))
-    job = await service.infer(x, mode)
+    job = await service.infer(x, req.parameters.early_exit if req.parameters else None)
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     # A built response skips re-validating what this code just made against response_model
