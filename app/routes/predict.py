@@ -18,7 +18,7 @@ from app.decoding import (
     parse_json_body,
 )
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, describe_validation_errors
+from app.errors import ClientError
 from app.schemas import (
     ErrorResponse,
     PredictOptions,
@@ -26,6 +26,7 @@ from app.schemas import (
     PredictResponse,
     inline_refs,
 )
+from contract.pydantic_errors import describe_errors
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
 
@@ -67,7 +68,7 @@ async def _parse_multipart(request: Request, service) -> tuple[Any, PredictOptio
     try:
         return rows, PredictOptions.model_validate(fields)
     except ValidationError as e:
-        raise ClientError(422, describe_validation_errors(e.errors())) from None
+        raise ClientError(422, describe_errors(e, root="form")) from None
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
