@@ -107,7 +107,8 @@ def main() -> int:
             time.sleep(2)
             raw = work / "stacks.txt"
             record = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.proc.pid), "--duration",
-                      f"{args.seconds:g}", "--rate", "200", "--nonblocking", "--format", "raw",
+                      f"{args.seconds:g}", "--rate", "200", "--nonblocking", "--subprocesses",
+                      "--format", "raw",
                       "--output", str(raw)]
             subprocess.run(record, check=True, capture_output=True)
             if args.svg is not None:  # a second recording under the same load, as SVG
