@@ -12,7 +12,8 @@
 #          1.31: CUDA 13, cuDNN 9); the host needs the NVIDIA driver and Container Toolkit.
 # Build arguments:
 #   BASE_IMAGE       base of every stage; Debian bookworm-slim, or a CUDA runtime image for GPU
-#   SERVE_EXTRA      the pyproject extra the serve target installs: serve, or serve-gpu
+#   SERVE_EXTRA      the pyproject extras the serve target installs: serve, or serve-gpu; add
+#                    granian ("serve granian") to run it with HFF_SERVER=granian (+22 MB)
 #   TORCH_INDEX_URL  extra pip index for torch in the train target; the default is PyTorch's CPU
 #                    index (PyPI's torch is the CUDA build); .../whl/cu130 selects CUDA 13.0;
 #                    empty = PyPI (and any local wheels, below) only
@@ -56,7 +57,8 @@ FROM runtime-base AS requirements
 ARG SERVE_EXTRA=serve
 WORKDIR /src
 COPY pyproject.toml docker/requirements.py ./
-RUN python3 requirements.py "$SERVE_EXTRA" > serve.txt && python3 requirements.py train > train.txt
+# $SERVE_EXTRA unquoted: it may name several extras
+RUN python3 requirements.py $SERVE_EXTRA > serve.txt && python3 requirements.py train > train.txt
 
 # Dependencies first (they change rarely), then the source.
 FROM builder AS serve-venv

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("request decoding (app/decoding.py)", ("app/decoding.py",)),
     ("batcher (app/batcher.py)", ("app/batcher.py",)),
     ("service: predictions, early-exit mode (app/service.py)", ("app/service.py",)),
+    ("socket writes (app/http.py, one per response)", ("app/http.py",)),
     ("hot path and routes (app/middleware.py, app/routes, app/deps.py)",
      ("app/middleware.py", "app/routes/", "app/deps.py")),
     ("uvicorn HTTP protocol (httptools callbacks)", ("uvicorn/",)),
