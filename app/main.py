@@ -24,6 +24,7 @@ from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.cli import OneLineParser
 from contract.model_dir import ModelDirError
 from contract.pydantic_errors import describe_errors
 
@@ -98,11 +99,6 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and captured:
             # uvicorn re-raises captured signals after shutdown; a drained SIGTERM exits 0 instead
             captured.remove(sig)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -333,3 +333,11 @@ def test_digits_early_exit_meets_the_target(digits_export):
     cost = np.cumsum([s["macs"] for s in m["stages"]]) / sum(s["macs"] for s in m["stages"])
     assert cost[exits].mean() <= 0.8
     assert ee["test_compute_fraction"] <= 0.8
+
+
+def test_help_shows_only_the_defaults_that_say_something(capsys):
+    with pytest.raises(SystemExit):
+        export_cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: --out's name)" in text
+    assert "(default: 0.95)" in text
