@@ -114,10 +114,6 @@ class Batcher:
         log.info("batcher stopped: %d requests accepted, %d answered", self.accepted_requests,
                  self.answered_requests)
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
     def close(self) -> None:
         """Stop accepting work now (SIGTERM); stop() still drains what was accepted."""
         self._closing = True
