@@ -20,6 +20,7 @@ from app.batcher import Batcher
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.openapi import install_openapi
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
+    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
