@@ -63,7 +63,7 @@ class ModelConfig(BaseModel):
     input_mean: list[float] = Field(default_factory=lambda: [0.0])  # per channel, pixels in [0, 1]
     input_std: list[float] = Field(default_factory=lambda: [1.0])
     blocks: list[BlockConfig] = Field(min_length=1)
-    # Prototype head (one per block), see ARCHITECTURE.md.
+    # Prototype head (one per block), see docs/architecture.md.
     prototypes_per_class: int = Field(1, ge=1, description="P: a class scores the soft max over "
                                       "its P prototypes")
     prototype_temperature: float = Field(0.1, gt=0.0)  # tau of the logsumexp over prototypes
