@@ -23,10 +23,12 @@ from app.batcher import Batcher
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
+from app.openapi import install_openapi
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.cli import OneLineParser
 from contract.model_dir import ModelDirError
 from contract.pydantic_errors import describe_errors
 
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
+    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
@@ -145,11 +148,6 @@ def serve_granian(settings: Settings) -> int:
                      log_level=settings.LOG_LEVEL, log_access=False)
     server.serve()
     return 0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
