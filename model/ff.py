@@ -5,9 +5,10 @@ first C input values, or appended as C extra features / C constant one-hot plane
 Block d's goodness is the sum or mean of its squared output activations. Between blocks the
 activations are divided by their root-mean-square (Hinton's "layer normalisation": the length, and
 with it the goodness, does not leak into the next block, only the direction does) and detached.
-Inference scores every candidate label: all C label variants of a batch are stacked into one
-(C * B) batch and run in one forward pass; the prediction is the argmax of the goodness summed
-over `FFConfig.score_blocks`. Bodies are built by the same `build_body` as HFF's, so the two
+Inference scores every candidate label: the C label variants of a batch form one label-major
+(C * B) stack, run in one forward pass or, with `chunk`, in passes of at most `chunk` rows (on a
+CPU a 25,600-row pass is bound by memory traffic; a few thousand rows run faster per image). The
+prediction is the argmax of the goodness summed over `FFConfig.score_blocks`. Bodies are built by the same `build_body` as HFF's, so the two
 families share backbones block for block.
 """
 
@@ -81,19 +82,24 @@ class FFNet(nn.Module):
             out.append(self.goodness(h))
         return out
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Goodness of every block for every candidate label, in one pass: [(B, C)] * L."""
+    def forward(self, x: Tensor, chunk: int | None = None) -> list[Tensor]:
+        """Goodness of every block for every candidate label: [(B, C)] * L.
+
+        Row r of the label-major (K * B) stack is image r % B with label r // B; `chunk` runs the
+        stack in passes of at most that many rows (None: one pass). The result does not depend on it.
+        """
         b, k = x.shape[0], self.num_classes
         x = self.input_norm(x)
-        stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])  # (K*B, C, H, W)
-        labels = torch.arange(k, device=x.device).repeat_interleave(b)  # label-major, (K*B,)
-        return [g.view(k, b).t() for g in self.block_goodness(self.embed(stacked, labels))]
+        rows = torch.arange(k * b, device=x.device)
+        passes = [self.block_goodness(self.embed(x[r % b], r // b))
+                  for r in rows.split(chunk or k * b)]
+        return [torch.cat(g).view(k, b).t() for g in zip(*passes, strict=True)]
 
-    def scores(self, x: Tensor) -> Tensor:
+    def scores(self, x: Tensor, chunk: int | None = None) -> Tensor:
         """The prediction's class scores: goodness summed over the score blocks, (B, C)."""
-        per_block = self(x)
+        per_block = self(x, chunk)
         return torch.stack([per_block[k] for k in self.score_blocks]).sum(0)
 
-    def predict(self, x: Tensor) -> Tensor:
-        return self.scores(x).argmax(1)
+    def predict(self, x: Tensor, chunk: int | None = None) -> Tensor:
+        return self.scores(x, chunk).argmax(1)
 
