@@ -26,6 +26,7 @@ at hand:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import resource
@@ -34,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -82,57 +84,82 @@ def throughput(fn: Callable[[], torch.Tensor], images: int, min_time: float,
             return calls * images / elapsed, faults / (calls * images)
 
 
-def predictors(hff, ff, x: torch.Tensor, classes: int) -> tuple[Callable, Callable]:
-    """HFF in passes of `b` images and FF in chunks of `classes * b` rows, as functions of b."""
-    def run_hff(b: int) -> Callable[[], torch.Tensor]:
-        return lambda: torch.cat([hff(part)[-1] for part in x.split(b)]).argmax(1)
-
-    def run_ff(b: int) -> Callable[[], torch.Tensor]:
-        return lambda: ff.predict(x, chunk=classes * b)
-    return run_hff, run_ff
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
 
-def sweep(hff, ff, x, classes, args, sync) -> tuple[int, int, list[str]]:
-    """Images per pass for HFF and for FF (C rows each), fastest first; and the table's rows."""
-    batch = x.shape[0]
+class Form(NamedTuple):
+    """How a side runs: memory layout of the network and the batch, and images per pass."""
+
+    layout: str
+    images: int
+
+
+class Pair(NamedTuple):
+    """Both networks and the batch, per layout."""
+
+    hff: dict[str, torch.nn.Module]
+    ff: dict[str, torch.nn.Module]
+    x: dict[str, torch.Tensor]
+
+    def sub(self, b: int) -> Pair:
+        return self._replace(x={k: v[:b] for k, v in self.x.items()})
+
+
+def run_hff(p: Pair, form: Form) -> Callable[[], torch.Tensor]:
+    """HFF's prediction in passes of `form.images` images."""
+    hff, x = p.hff[form.layout], p.x[form.layout]
+    return lambda: torch.cat([hff(part)[-1] for part in x.split(form.images)]).argmax(1)
+
+
+def run_ff(p: Pair, form: Form, classes: int) -> Callable[[], torch.Tensor]:
+    """FF's prediction in chunks of `classes * form.images` rows."""
+    ff, x = p.ff[form.layout], p.x[form.layout]
+    return lambda: ff.predict(x, chunk=classes * form.images)
+
+
+def sweep(p: Pair, classes, args, sync) -> tuple[Form, Form, list[str]]:
+    """The fastest form of HFF and of FF (C rows per image), and the sweep table's rows."""
+    batch = next(iter(p.x.values())).shape[0]
     sizes = sorted({min(2**i, batch) for i in range(batch.bit_length() + 1)})
     sizes = [b for b in sizes if classes * b <= args.sweep_max_rows] or sizes[:1]
-    hff_rates: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
-    ff_rates: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
+    forms = [Form(layout, b) for layout in args.layouts for b in sizes]
+    hff_rates: dict[Form, list[tuple[float, float]]] = {f: [] for f in forms}
+    ff_rates: dict[Form, list[tuple[float, float]]] = {f: [] for f in forms}
     for _ in range(args.sweep_rounds):
-        for b in sizes:
-            run_hff, run_ff = predictors(hff, ff, x[:b], classes)
-            run_hff(b)(), run_ff(b)()  # warm-up: oneDNN / cuDNN choose kernels per shape
-            hff_rates[b].append(throughput(run_hff(b), b, args.sweep_time, sync))
-            ff_rates[b].append(throughput(run_ff(b), b, args.sweep_time, sync))
+        for form in forms:
+            sub = p.sub(form.images)
+            fh, ff = run_hff(sub, form), run_ff(sub, form, classes)
+            fh(), ff()  # warm-up: oneDNN / cuDNN choose kernels per shape
+            hff_rates[form].append(throughput(fh, form.images, args.sweep_time, sync))
+            ff_rates[form].append(throughput(ff, form.images, args.sweep_time, sync))
 
-    def median(rates: dict[int, list[tuple[float, float]]], i: int) -> dict[int, float]:
-        return {b: statistics.median(r[i] for r in v) for b, v in rates.items()}
+    def median(rates: dict[Form, list[tuple[float, float]]], i: int) -> dict[Form, float]:
+        return {f: statistics.median(r[i] for r in v) for f, v in rates.items()}
 
     hff_med, ff_med = median(hff_rates, 0), median(ff_rates, 0)
     hff_faults, ff_faults = median(hff_rates, 1), median(ff_rates, 1)
     best_hff, best_ff = max(hff_med, key=hff_med.get), max(ff_med, key=ff_med.get)
-    rows = [f"| {classes} | {batch} | {b} | {classes * b:,} | {hff_med[b]:,.0f}"
-            f"{' (best)' if b == best_hff else ''} | {ff_med[b]:,.0f}"
-            f"{' (best)' if b == best_ff else ''} | {hff_faults[b]:.1f} | {ff_faults[b] / classes:.1f} |"
-            for b in sizes]
+    rows = [f"| {classes} | {batch} | {f.layout} | {f.images} | {classes * f.images:,} "
+            f"| {hff_med[f]:,.0f}{' (best)' if f == best_hff else ''} "
+            f"| {ff_med[f]:,.0f}{' (best)' if f == best_ff else ''} "
+            f"| {hff_faults[f]:.1f} | {ff_faults[f] / classes:.1f} |" for f in forms]
     return best_hff, best_ff, rows
 
 
-def measure(hff, ff, x, classes, hff_b, ff_forms, args, sync) -> tuple[float, list[tuple]]:
-    """Alternating rounds of HFF (passes of hff_b images) and each FF form (images per chunk):
-    HFF's median images/s and, per FF form, (median images/s, page faults per row, round ratios)."""
-    run_hff, run_ff = predictors(hff, ff, x, classes)
-    fns = [run_hff(hff_b)] + [run_ff(b) for b in ff_forms]
+def measure(p: Pair, classes, hff_form, ff_forms, args, sync) -> tuple[float, list[tuple]]:
+    """Alternating rounds of HFF in `hff_form` and FF in each of `ff_forms`: HFF's median
+    images/s and, per FF form, (median images/s, page faults per row, per-round ratios)."""
+    fns = [run_hff(p, hff_form)] + [run_ff(p, f, classes) for f in ff_forms]
     for fn in fns:
         fn()  # warm-up
     sync()
+    batch = next(iter(p.x.values())).shape[0]
     rates: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(args.rounds):
         for fn, out in zip(fns, rates, strict=True):
-            out.append(throughput(fn, x.shape[0], args.min_time, sync))
+            out.append(throughput(fn, batch, args.min_time, sync))
     hff_rounds = [r for r, _ in rates[0]]
-    forms = [(statistics.median(r for r, _ in f), statistics.median(p for _, p in f) / classes,
+    forms = [(statistics.median(r for r, _ in f), statistics.median(q for _, q in f) / classes,
               [h / r for h, (r, _) in zip(hff_rounds, f, strict=True)]) for f in rates[1:]]
     return statistics.median(hff_rounds), forms
 
@@ -148,6 +175,8 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per table cell")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timed round (at least one call)")
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                   help="memory layouts in the sweep (both networks and the batch)")
     p.add_argument("--sweep-rounds", type=int, default=2, help="alternating rounds of the pass-size sweep")
     p.add_argument("--sweep-time", type=float, default=0.2, help="seconds per sweep timing")
     p.add_argument("--sweep-max-rows", type=int, default=8192,
@@ -170,31 +199,38 @@ def main() -> int:
             torch.manual_seed(0)
             hff, ff, cfg = pair(classes, shape, getattr(args, preset_arg))
             hff, ff = hff.to(device), ff.to(device)
+            nets = {k: (copy.deepcopy(hff).to(memory_format=fmt), copy.deepcopy(ff).to(memory_format=fmt))
+                    for k, fmt in LAYOUTS.items() if k in args.layouts}
             widths = "-".join(str(b.width) for b in cfg.blocks)
             for batch in args.batches:
                 x = torch.rand(batch, *shape, device=device)
-                hff_b, ff_b, rows = sweep(hff, ff, x, classes, args, sync)
+                p = Pair({k: h for k, (h, _) in nets.items()}, {k: f for k, (_, f) in nets.items()},
+                         {k: x.contiguous(memory_format=LAYOUTS[k]) for k in nets})
+                hff_form, ff_form, rows = sweep(p, classes, args, sync)
                 sweep_rows += rows
-                forms = [ff_b] + ([batch] if ff_b != batch else [])  # + the stacked single pass
-                h, results = measure(hff, ff, x, classes, hff_b, forms, args, sync)
-                for b, (f, faults, ratios) in zip(forms, results, strict=True):
-                    form = (f"chunks of {classes * b:,} rows" if b == ff_b else "")
-                    if b == batch:
-                        form += (" = " if form else "") + f"stacked: one {classes * batch:,}-row pass"
+                stacked = Form(ff_form.layout, batch)  # the single (C * B)-row pass, same layout
+                ff_forms = [ff_form] + ([stacked] if ff_form != stacked else [])
+                h, results = measure(p, classes, hff_form, ff_forms, args, sync)
+                for form, (f, faults, ratios) in zip(ff_forms, results, strict=True):
+                    text = f"{form.layout}, chunks of {classes * form.images:,} rows" if form == ff_form else ""
+                    if form == stacked:
+                        text += ("; = " if text else f"{form.layout}, ") + (
+                            f"stacked: one {classes * batch:,}-row pass")
                     ratio = h / f
                     table_rows.append(
                         f"| {classes} | {'x'.join(map(str, shape))} | {cfg.name} ({widths}) | {batch} "
-                        f"| {hff_b} | {h:,.0f} | {form} | {f:,.0f} | {faults:.1f} | **{ratio:.1f}x** "
-                        f"| {classes} | {ratio / classes:.2f} | {min(ratios):.1f}-{max(ratios):.1f} |")
+                        f"| {hff_form.layout}, passes of {hff_form.images} | {h:,.0f} | {text} | {f:,.0f} "
+                        f"| {faults:.1f} | **{ratio:.1f}x** | {classes} | {ratio / classes:.2f} "
+                        f"| {min(ratios):.1f}-{max(ratios):.1f} |")
                 print(f"# {classes} classes, batch {batch}: done", file=sys.stderr, flush=True)
     print("\nPass-size sweep (images/s if the whole batch ran in passes of that size; FF: C rows "
           "per image):\n")
-    print("| classes | batch | images per pass | FF rows per pass | HFF img/s | FF img/s "
+    print("| classes | batch | layout | images per pass | FF rows per pass | HFF img/s | FF img/s "
           "| HFF page faults / image | FF page faults / row |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(sweep_rows))
     print("\nHFF against FF, each in its fastest pass size from the sweep (and FF's stacked pass):\n")
-    print("| classes | input | backbone | batch | HFF images per pass | HFF img/s | FF form | FF img/s "
+    print("| classes | input | backbone | batch | HFF form | HFF img/s | FF form | FF img/s "
           "| FF page faults / row | HFF / FF | limit (C) | ratio / limit | per-round ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(table_rows))

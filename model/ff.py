@@ -26,7 +26,7 @@ NORM_EPS = 1e-6
 
 def rms_normalise(h: Tensor) -> Tensor:
     """Divide every example by the RMS of all its activations: goodness 1 in, direction kept."""
-    rms = h.pow(2).flatten(1).mean(1).add(NORM_EPS).sqrt()  # (B,)
+    rms = h.pow(2).mean(dim=tuple(range(1, h.ndim))).add(NORM_EPS).sqrt()  # (B,), any memory layout
     return h / rms.view(-1, *([1] * (h.ndim - 1)))
 
 
@@ -66,8 +66,8 @@ class FFNet(nn.Module):
 
     def goodness(self, h: Tensor) -> Tensor:
         """Sum or mean of squared activations per example: (B, ...) -> (B,)."""
-        sq = h.pow(2).flatten(1)
-        return sq.sum(1) if self.ff.goodness == "sum" else sq.mean(1)
+        sq, dims = h.pow(2), tuple(range(1, h.ndim))  # no flatten: a channels-last h is not copied
+        return sq.sum(dims) if self.ff.goodness == "sum" else sq.mean(dims)
 
     def block_goodness(self, h: Tensor) -> list[Tensor]:
         """Goodness of every block for embedded inputs `h` (B, ...): [(B,)] * L.
