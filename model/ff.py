@@ -24,9 +24,16 @@ from model.hff import InputNorm, build_body
 NORM_EPS = 1e-6
 
 
-def rms_normalise(h: Tensor) -> Tensor:
-    """Divide every example by the RMS of all its activations: goodness 1 in, direction kept."""
-    rms = h.pow(2).mean(dim=tuple(range(1, h.ndim))).add(NORM_EPS).sqrt()  # (B,), any memory layout
+def mean_square(h: Tensor) -> Tensor:
+    """Mean of every example's squared activations, (B, ...) -> (B,): one pass over h, in any
+    memory layout (no flatten, so a channels-last h is not copied)."""
+    return torch.linalg.vector_norm(h, dim=tuple(range(1, h.ndim))).square() / h[0].numel()
+
+
+def rms_normalise(h: Tensor, ms: Tensor | None = None) -> Tensor:
+    """Divide every example by the RMS of all its activations: goodness 1 in, direction kept.
+    `ms`: h's mean_square when the caller has it already."""
+    rms = (mean_square(h) if ms is None else ms).add(NORM_EPS).sqrt()  # (B,)
     return h / rms.view(-1, *([1] * (h.ndim - 1)))
 
 
@@ -64,22 +71,20 @@ class FFNet(nn.Module):
         planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # (B, K, H, W)
         return torch.cat([x, planes], 1)  # (B, C + K, H, W)
 
-    def goodness(self, h: Tensor) -> Tensor:
-        """Sum or mean of squared activations per example: (B, ...) -> (B,)."""
-        sq, dims = h.pow(2), tuple(range(1, h.ndim))  # no flatten: a channels-last h is not copied
-        return sq.sum(dims) if self.ff.goodness == "sum" else sq.mean(dims)
-
     def block_goodness(self, h: Tensor) -> list[Tensor]:
         """Goodness of every block for embedded inputs `h` (B, ...): [(B,)] * L.
 
         Each block's input is detached, so a loss on block d's goodness trains block d alone.
+        Goodness is the sum or mean of the squared activations per example; the mean square is
+        computed once per block and serves both the goodness and the next block's RMS norm.
         """
-        out = []
-        for k, body in enumerate(self.blocks):
-            if k > 0:
-                h = rms_normalise(h)
+        out, ms = [], None
+        for body in self.blocks:
+            if ms is not None:
+                h = rms_normalise(h, ms)
             h = body(h.detach())
-            out.append(self.goodness(h))
+            ms = mean_square(h)
+            out.append(ms * h[0].numel() if self.ff.goodness == "sum" else ms)
         return out
 
     def forward(self, x: Tensor, chunk: int | None = None) -> list[Tensor]:
