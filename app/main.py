@@ -15,15 +15,19 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from app import __version__
 from app.batcher import Batcher
 from app.errors import install_error_handlers
-from app.manifest import ModelDirError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.openapi import install_openapi
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.cli import OneLineParser
+from contract.model_dir import ModelDirError
+from contract.pydantic_errors import describe_errors
 
 log = logging.getLogger("app")
 PROG = "hff-serve"
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
-    app = FastAPI(title="HFF serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="HFF serve", version=__version__, lifespan=lifespan,
                   description="Hyperspherical Forward-Forward inference with dynamic batching "
                               "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
@@ -73,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
+    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
@@ -98,11 +103,6 @@ class DrainingServer(uvicorn.Server):
             captured.remove(sig)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Serve an exported HFF model dir over HTTP. Every "
                       "setting also comes from HFF_* environment variables (README: settings).")
@@ -119,14 +119,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def describe_settings_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        parts.append(f"HFF_{field.upper()}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
     except ValidationError as e:
-        print(f"{PROG}: error: {describe_settings_error(e)}", file=sys.stderr)
+        message = describe_errors(e, name=lambda field: f"HFF_{field.upper()}")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except ModelDirError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from contract.model_dir import RESIZE
 from training.data import DataError
 
 MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
@@ -272,14 +273,15 @@ def scan_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
 
 
 def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image file -> uint8 (C, H, W), converted to RGB or L and resized (bilinear) to `size`."""
+    """One image file -> uint8 (C, H, W), converted to RGB or L and resized to `size` the way the
+    service resizes uploads (contract.model_dir.RESIZE, recorded in the manifest)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                im = im.resize((size[1], size[0]), Image.Resampling[RESIZE.upper()])
             arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path} is not a readable image ({e})") from None
@@ -301,11 +303,6 @@ class ImageFileDataset(Dataset):
         path, label = self.samples[i]
         image = torch.from_numpy(decode_image(path, self.size, self.channels))
         return image.float().div_(255.0), torch.tensor(label, dtype=torch.long)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([label for _, label in self.samples], dtype=np.int64)
-
 
 def image_file_stats(dataset: ImageFileDataset, max_images: int = 2000) -> tuple[list[float], list[float]]:
     """Channel mean/std from at most `max_images` evenly spaced training images (a fixed subset)."""
