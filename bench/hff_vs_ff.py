@@ -6,11 +6,12 @@ layer costs what HFF's does). FF scores the C label variants of a batch as one l
 stack of rows, no loop over images or labels; each side gets its fastest pass size on the machine
 at hand:
 
-1. Sweep: for sub-batches of b = 1, 2, 4, ... images, HFF's images/s through one pass of b images
+1. Sweep: in each memory layout (--layouts: contiguous, channels-last; network and batch alike)
+   and for sub-batches of b = 1, 2, 4, ... images, HFF's images/s through one pass of b images
    and FF's through one pass of its C * b rows (label embedding, blocks, goodness), alternating,
-   median of --sweep-rounds; plus FF's minor page faults per row (fresh memory the kernel has to
-   map: on glibc, tensors over 32 MiB are mmapped and unmapped on every call). The fastest size
-   of each side is kept. Passes over --sweep-max-rows FF rows are left to the stacked row below.
+   median of --sweep-rounds; plus minor page faults per image / row (fresh memory the kernel has
+   to map: glibc maps large allocations afresh and unmaps them on free). The fastest layout and
+   size of each side is kept. Passes over --sweep-max-rows FF rows are left to the stacked row.
 2. Table: HFF in passes of its best size against FF in chunks of its best size (the headline),
    and against FF's single stacked (C * B)-row pass (labelled; it measures memory traffic, not
    the label passes). The timed call is the whole prediction: HFF's last-block argmax (every
