@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -17,9 +18,11 @@ from pydantic import ValidationError
 
 from app.batcher import Batcher
 from app.errors import install_error_handlers
+from app.guard import RequestGuard
 from app.manifest import ModelDirError
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import BodyLimitMiddleware
+from app.protocol import GuardedHttpToolsProtocol
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
@@ -70,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = Service(settings, runtime, metrics_)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
-    app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
+    # outermost: sees every status, bounds the body read, notices clients that leave
+    app.add_middleware(RequestGuard, metrics=metrics_, body_timeout=settings.BODY_TIMEOUT_S)
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
@@ -127,6 +131,17 @@ def describe_settings_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn with every client-controlled wait bounded (README: operations)."""
+    protocol = partial(GuardedHttpToolsProtocol, header_timeout=settings.HEADER_TIMEOUT_S,
+                       max_header_bytes=settings.MAX_HEADER_BYTES)
+    return uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=protocol,
+                          log_level=settings.LOG_LEVEL, access_log=False,
+                          timeout_keep_alive=settings.KEEP_ALIVE_TIMEOUT_S,
+                          timeout_graceful_shutdown=settings.SHUTDOWN_TIMEOUT_S,
+                          limit_concurrency=settings.MAX_CONNECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -140,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelDirError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT,
-                            log_level=settings.LOG_LEVEL, access_log=False,
-                            timeout_graceful_shutdown=None)
+    config = server_config(app, settings)
     server = DrainingServer(config, app.state.service)
     server.run()
     return 0 if server.started else 1
