@@ -6,12 +6,21 @@ tests check that the server ends the exchange, not how fast.
 
 from __future__ import annotations
 
+import base64
+import http.client
+import io
+import json
 import re
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.app.conftest import ServerProcess
 
@@ -154,3 +163,98 @@ def test_sigterm_with_a_stalled_body_exits_within_the_shutdown_timeout(digits_mo
     assert status_of(answer) == 408, answer
     assert "cut at shutdown" in log and "batcher stopped" in log, log
     assert "Traceback" not in log, log
+
+
+def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_decoding_does_not_stall_health_checks(strict_server):
+    """Row 2: big images are decoded off the event loop, so /healthz answers while they are."""
+    big = base64.b64encode(png_bytes("RGBA", (4096, 4096))).decode()
+    body = {"instances": [{"b64": big}] * 12}
+    timings: dict[str, float] = {}
+
+    def predict() -> None:
+        t0 = time.perf_counter()
+        r = httpx.post(strict_server.url + "/predict", json=body, timeout=120)
+        timings["predict"] = time.perf_counter() - t0
+        timings["status"] = r.status_code
+
+    thread = threading.Thread(target=predict)
+    thread.start()
+    time.sleep(0.5)  # the upload is done and decoding has begun
+    t0 = time.perf_counter()
+    assert httpx.get(strict_server.url + "/healthz", timeout=120).status_code == 200
+    health = time.perf_counter() - t0
+    thread.join()
+    assert timings["status"] == 200
+    assert health < 0.2 * timings["predict"], (health, timings)
+
+
+def test_huge_json_bodies_are_refused_without_parsing_them(strict_server):
+    """Row 7: 16 concurrent 16.6 MB JSON bodies of numbers: all refused with a 4xx, and the
+    server's peak memory does not grow by the half GB that parsing them would take."""
+    body = b'{"instances": [' + b"0.1, " * 3_300_000 + b"0.1]}"
+    peak_before = peak_rss_mb(strict_server.proc.pid)
+
+    def send(_: int) -> int:
+        return httpx.post(strict_server.url + "/predict", content=body, timeout=120,
+                          headers={"content-type": "application/json"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(send, range(16)))
+    assert all(s in (413, 429) for s in statuses), statuses
+    assert 413 in statuses
+    assert peak_rss_mb(strict_server.proc.pid) - peak_before < 250
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+
+
+def test_error_bodies_quote_only_an_excerpt_of_the_input(strict_server):
+    """Row 9: a 15 MB form field is not echoed back in the 422."""
+    r = httpx.post(strict_server.url + "/predict", timeout=120,
+                   files=[("file", ("a.png", png_bytes("L", (8, 8)), "image/png"))],
+                   data={"top_k": "7" * 15_000_000 + "x"})
+    assert r.status_code == 422 and "top_k" in r.json()["error"]
+    assert len(r.content) < 1000
+
+
+def test_goodput_holds_when_offered_more_than_capacity(strict_server, digits_test_split):
+    """Row 3: 256-instance requests, early exit off, from clients that never back off: twice as
+    many clients as the queue holds get (nearly) the goodput of a few, no 5xx, no 429 storm."""
+    x = np.take(digits_test_split[0], range(256), axis=0, mode="wrap")
+    body = json.dumps({"instances": x.round(4).tolist(), "early_exit": "off"}).encode()
+
+    def run(clients: int, seconds: float) -> dict[int, int]:
+        statuses: list[int] = []  # list.append is atomic under the GIL
+        stop = time.monotonic() + seconds
+
+        def client() -> None:
+            host, port = strict_server.url.removeprefix("http://").split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            while time.monotonic() < stop:
+                conn.request("POST", "/predict", body, {"content-type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                if time.monotonic() < stop:
+                    statuses.append(r.status)
+            conn.close()
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {s: statuses.count(s) for s in set(statuses)}
+
+    run(8, 1.0)  # warm-up
+    few = run(8, 4.0)  # the queue (4096 rows = 16 requests) never fills
+    many = run(32, 4.0)
+    assert set(few) == {200} and all(s < 500 for s in many), (few, many)
+    assert many.get(200, 0) >= 0.6 * few[200], (few, many)
