@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from app.batcher import Batcher
-from app.errors import install_error_handlers
+from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
 from app.manifest import ModelDirError
 from app.metrics import Metrics
@@ -59,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
         if service.batcher is not None:
             await service.batcher.stop()
+        service.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
-    app = FastAPI(title="HFF serve", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes off: Starlette builds those redirects from the client's Host header
+    app = FastAPI(title="HFF serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Hyperspherical Forward-Forward inference with dynamic batching "
                               "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
@@ -93,6 +95,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         self.service.draining = True
+        refusal = ClientError(503, "the server is shutting down", {"Retry-After": "5"})
+        with suppress(RuntimeError):  # a signal handler: touch the line from the loop, not here
+            asyncio.get_running_loop().call_soon_threadsafe(
+                self.service.admission.refuse_waiting, refusal)
         if self.service.batcher is not None:
             self.service.batcher.close()
         super().handle_exit(sig, frame)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.errors import excerpt
+
 
 class ThresholdMode(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +41,7 @@ class PredictRequest(BaseModel):
             return handler(value)
         except ValidationError:
             raise ValueError('early_exit must be "auto", "off" or {"threshold": t} with t in '
-                             f"(0, 1], got {value!r}") from None
+                             f"(0, 1], got {excerpt(value)}") from None
 
 
 class ClassProbability(BaseModel):

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.errors import excerpt
+
 
 def parse_early_exit(value: str | float) -> str | float:
     """'auto', 'off' or a max-softmax threshold in (0, 1]; the error names the valid forms."""
@@ -20,10 +22,11 @@ def parse_early_exit(value: str | float) -> str | float:
             value = float(text)
         except ValueError:
             raise ValueError(f"early exit must be 'auto', 'off' or a threshold such as 0.9, "
-                             f"got {value!r}") from None
+                             f"got {excerpt(value)}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
             or not 0.0 < value <= 1.0:
-        raise ValueError(f"an early-exit threshold must be a number in (0, 1], e.g. 0.9, got {value!r}")
+        raise ValueError("an early-exit threshold must be a number in (0, 1], e.g. 0.9, got "
+                         f"{excerpt(value)}")
     return float(value)
 
 
