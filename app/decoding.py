@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from app.errors import ClientError, describe_validation_errors, excerpt
+from contract.model_dir import RESIZE
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 IMAGE_FORMATS = ["PNG", "JPEG"]
@@ -62,12 +63,15 @@ def parse_json_body(model: type[Body], body: bytes, example: str, limit: int | N
 
 
 class InputSpec:
-    """What one row must look like: (C, H, W) float32 with values in [lo, hi]."""
+    """What one row must look like: (C, H, W) float32 with values in [lo, hi]; images of another
+    size are resampled with `resize` (the manifest's, which training used)."""
 
-    def __init__(self, shape: tuple[int, int, int] | list[int], value_range: list[float]):
+    def __init__(self, shape: tuple[int, int, int] | list[int], value_range: list[float],
+                 resize: str = RESIZE):
         c, h, w = shape
         self.shape = (c, h, w)
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
+        self.resampling = Image.Resampling[resize.upper()]
 
     def accepted_shapes(self) -> str:
         c, h, w = self.shape
@@ -137,7 +141,7 @@ def decode_image(data: bytes, where: str, spec: InputSpec) -> np.ndarray:
             raise ClientError(415, f"{where}: images cannot feed a {c}-channel model; send arrays")
         converted = image.convert(mode)
         if converted.size != (w, h):
-            converted = converted.resize((w, h), Image.Resampling.BILINEAR)
+            converted = converted.resize((w, h), spec.resampling)
         arr = np.asarray(converted, dtype=np.float32) / 255.0
     # (H, W) -> (1, H, W), or (H, W, 3) -> (3, H, W)
     arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)

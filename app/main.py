@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from app.batcher import Batcher
 from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
-from app.manifest import ModelDirError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
 from app.protocol import GuardedHttpToolsProtocol
@@ -27,6 +26,7 @@ from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.model_dir import ModelDirError
 
 log = logging.getLogger("app")
 PROG = "hff-serve"

@@ -88,7 +88,7 @@ async def infer(name: str, request: Request, service: ServiceDep) -> JSONRespons
         header, binary = _split_body(request.headers, await request.body())
         heavy = len(header) > INLINE_DECODE_BYTES
         req, x = await service.decode(ticket, heavy, _decode, header, binary, service)
-        mode = service.parse_mode((req.parameters or {}).get("early_exit"))
+        mode = req.parameters.early_exit if req.parameters else None
         job = await service.infer(x, mode, ticket)
         return _response(name, req, job, service)
 

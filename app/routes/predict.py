@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -20,8 +21,14 @@ from app.decoding import (
     parse_json_body,
 )
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, excerpt
-from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
+from app.errors import ClientError, describe_validation_errors, excerpt
+from app.schemas import (
+    ErrorResponse,
+    PredictOptions,
+    PredictRequest,
+    PredictResponse,
+    inline_refs,
+)
 from app.service import INLINE_DECODE_BYTES, Service
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
@@ -37,7 +44,7 @@ _BODY = {
             "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                          "description": "PNG or JPEG images (any field name); one prediction each"},
-                "early_exit": {"type": "string", "description": "auto, off or a threshold"},
+                "early_exit": {"type": "string", "description": "auto, off or a threshold such as 0.9"},
                 "top_k": {"type": "integer"},
                 "return_blocks": {"type": "boolean"},
             },
@@ -47,7 +54,7 @@ _BODY = {
 
 
 async def _parse_multipart(request: Request, service: Service,
-                           ticket: Ticket) -> tuple[np.ndarray, dict[str, Any]]:
+                           ticket: Ticket) -> tuple[np.ndarray, PredictOptions]:
     max_files = service.settings.MAX_INSTANCES
     try:
         form = await request.form(max_files=max_files, max_fields=16,
@@ -64,15 +71,15 @@ async def _parse_multipart(request: Request, service: Service,
     images = [(await upload.read(), f"file {i} ({name}={excerpt(upload.filename)})")
               for i, (name, upload) in enumerate(files)]
     x = await service.decode(ticket, True, decode_images, images, service.spec)
-    options: dict[str, Any] = {}
-    for key in ("early_exit", "top_k", "return_blocks"):
-        if key in form and not isinstance(form[key], UploadFile):
-            options[key] = form[key]
-    unknown = {k for k, v in form.multi_items() if not isinstance(v, UploadFile)} - set(options)
+    fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+    unknown = set(fields) - set(PredictOptions.model_fields)
     if unknown:
         raise ClientError(422, f"unknown form fields {excerpt(sorted(unknown))}; the options are "
-                               "early_exit, top_k and return_blocks")
-    return x, options
+                               f"{', '.join(PredictOptions.model_fields)}")
+    try:
+        return x, PredictOptions.model_validate(fields)
+    except ValidationError as e:
+        raise ClientError(422, describe_validation_errors(e.errors())) from None
 
 
 def decode_images(images: list[tuple[bytes, str]], spec) -> np.ndarray:
@@ -95,28 +102,13 @@ async def predict(request: Request, service: ServiceDep) -> JSONResponse:
         raise ClientError(415, f"content type {excerpt(ctype or '(none)')} is not accepted: send "
                                "application/json or multipart/form-data")
     async with service.admit(request.headers) as ticket:
+        options: PredictOptions
         if ctype == "multipart/form-data":
             x, options = await _parse_multipart(request, service, ticket)
-            mode = service.parse_mode(options.get("early_exit"))
-            top_k = _form_int(options.get("top_k", "1"), "top_k")
-            return_blocks = str(options.get("return_blocks", "false")).lower() in ("1", "true", "yes")
         else:
             body = await request.body()
             heavy = len(body) > INLINE_DECODE_BYTES or b'"b64"' in body
-            req, x = await service.decode(ticket, heavy, _decode_json, body, service)
-            mode = service.parse_mode(req.early_exit.model_dump()
-                                      if hasattr(req.early_exit, "model_dump") else req.early_exit)
-            top_k, return_blocks = req.top_k, req.return_blocks
-        job = await service.infer(x, mode, ticket, return_blocks)
+            options, x = await service.decode(ticket, heavy, _decode_json, body, service)
+        job = await service.infer(x, options.early_exit, ticket, options.return_blocks)
         return JSONResponse({"model": service.model_ref(),
-                             "predictions": service.predictions(job, top_k)})
-
-
-def _form_int(value: Any, name: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ClientError(422, f"{name} must be a whole number, got {excerpt(value)}") from None
-    if number < 1:
-        raise ClientError(422, f"{name} must be at least 1, got {number}")
-    return number
+                             "predictions": service.predictions(job, options.top_k)})
