@@ -38,7 +38,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
 
     async def warm_up() -> None:
-        await asyncio.to_thread(service.runtime.warm_up)
+        try:
+            await asyncio.to_thread(service.runtime.warm_up)
+        except Exception as e:  # never live-but-never-ready: one line, then the server exits
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            service.fail(f"warm-up failed, not serving {service.settings.MODEL_DIR}: {first_line}")
+            return
         batcher = Batcher(service.runtime, service.metrics,
                           max_batch_size=service.settings.MAX_BATCH_SIZE,
                           max_wait_ms=service.settings.MAX_BATCH_WAIT_MS,
@@ -162,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     config = server_config(app, settings)
-    server = DrainingServer(config, app.state.service)
+    service: Service = app.state.service
+    server = DrainingServer(config, service)
+    service.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and service.failure is None else 1
 
 
 if __name__ == "__main__":

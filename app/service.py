@@ -56,6 +56,8 @@ class Service:
         self.batcher: Batcher | None = None
         self.warmed = False
         self.draining = False
+        self.failure: str | None = None  # why the model cannot be served (warm-up failed)
+        self.on_failure: Callable[[], None] | None = None  # hff-serve: stop the server
         self.admission = Admission(settings.QUEUE_BOUND, settings.QUEUE_BYTES,
                                    settings.QUEUE_WAIT_S, settings.MAX_INSTANCES, metrics)
         # Its own threads: never the loop's default executor, never the inference thread.
@@ -66,7 +68,16 @@ class Service:
     def ready(self) -> bool:
         return self.warmed and not self.draining and self.batcher is not None
 
+    def fail(self, reason: str) -> None:
+        """The model cannot be served: say why once, stay not-ready, and stop the server."""
+        log.error("%s", reason)
+        self.failure = reason
+        if self.on_failure is not None:
+            self.on_failure()
+
     def not_ready_reason(self) -> str:
+        if self.failure is not None:
+            return self.failure
         if self.draining:
             return "the server is shutting down"
         return "the model is still warming up"
