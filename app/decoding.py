@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ClientError, describe_validation_errors, excerpt
+from app.errors import ClientError, excerpt
 from contract.model_dir import RESIZE
+from contract.pydantic_errors import describe_errors
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 IMAGE_FORMATS = ["PNG", "JPEG"]
@@ -58,7 +59,7 @@ def parse_json_body(model: type[Body], body: bytes, example: str, limit: int | N
             raise ClientError(400, f"the body is not valid JSON ({errors[0]['msg']})") from None
         if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
             raise ClientError(422, f"the body must be a JSON object like {example}") from None
-        raise ClientError(422, describe_validation_errors(
+        raise ClientError(422, describe_errors(
             [{**err, "loc": ("body", *err["loc"])} for err in errors])) from None
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from app import __version__
 from app.decoding import (
     decode_binary_tensor,
     decode_tensor,
@@ -42,7 +43,7 @@ def _check_name(service, name: str) -> None:
 @router.get("")
 async def server_metadata(service: ServiceDep) -> dict[str, Any]:
     """Server metadata."""
-    return {"name": "hff-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "hff-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS)

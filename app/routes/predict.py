@@ -21,7 +21,7 @@ from app.decoding import (
     parse_json_body,
 )
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, describe_validation_errors, excerpt
+from app.errors import ClientError, excerpt
 from app.schemas import (
     ErrorResponse,
     PredictOptions,
@@ -30,6 +30,7 @@ from app.schemas import (
     inline_refs,
 )
 from app.service import INLINE_DECODE_BYTES, Service
+from contract.pydantic_errors import describe_errors
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
 
@@ -79,7 +80,7 @@ async def _parse_multipart(request: Request, service: Service,
     try:
         return x, PredictOptions.model_validate(fields)
     except ValidationError as e:
-        raise ClientError(422, describe_validation_errors(e.errors())) from None
+        raise ClientError(422, describe_errors(e, root="form")) from None
 
 
 def decode_images(images: list[tuple[bytes, str]], spec) -> np.ndarray:
