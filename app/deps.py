@@ -29,9 +29,9 @@ def check_api_key(service: Service, headers: Mapping[str, str]) -> None:
     key = service.settings.API_KEY
     if key is None:
         return
-    supplied = headers.get("x-api-key")
+    supplied = headers.get("x-api-key", "").strip()
     auth = headers.get("authorization", "")
-    if supplied is None and auth.lower().startswith("bearer "):
+    if not supplied and auth.lower().startswith("bearer "):  # an empty X-API-Key is no key
         supplied = auth[7:].strip()
     challenge = {"WWW-Authenticate": "Bearer"}
     if not supplied:

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -20,10 +21,12 @@ from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.batcher import Batcher
-from app.errors import install_error_handlers
+from app.errors import ClientError, install_error_handlers
+from app.guard import RequestGuard
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.openapi import install_openapi
+from app.protocol import GuardedHttpToolsProtocol
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
@@ -42,7 +45,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
 
     async def warm_up() -> None:
-        await asyncio.to_thread(service.runtime.warm_up)
+        try:
+            await asyncio.to_thread(service.runtime.warm_up)
+        except Exception as e:  # never live-but-never-ready: one line, then the server exits
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            service.fail(f"warm-up failed, not serving {service.settings.MODEL_DIR}: {first_line}")
+            return
         batcher = Batcher(service.runtime, service.metrics,
                           max_batch_size=service.settings.MAX_BATCH_SIZE,
                           max_wait_ms=service.settings.MAX_BATCH_WAIT_MS,
@@ -63,14 +71,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
         if service.batcher is not None:
             await service.batcher.stop()
+        service.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ServiceApp(FastAPI):
-    """FastAPI with app/middleware.py's layer outside all of its own (Starlette's error
-    middleware included): the hot routes pass through nothing else."""
+    """FastAPI with two layers outside all of its own (Starlette's error middleware included):
+    outermost app.guard's RequestGuard (metrics, body deadline, disconnects, the shutdown cut:
+    it sees every status), then app/middleware.py's (body limit, the hot routes, which pass
+    through nothing else)."""
 
     def build_middleware_stack(self):  # type: ignore[no-untyped-def]
-        return ServiceMiddleware(super().build_middleware_stack(), self.state.service)
+        service: Service = self.state.service
+        return RequestGuard(ServiceMiddleware(super().build_middleware_stack(), service),
+                            metrics=service.metrics, body_timeout=service.settings.BODY_TIMEOUT_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.root_path:
@@ -88,7 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
+    # redirect_slashes off: Starlette builds those redirects from the client's Host header
     app = ServiceApp(title="HFF serve", version=__version__, lifespan=lifespan,
+                     redirect_slashes=False,
                      description="Hyperspherical Forward-Forward inference with dynamic batching "
                                  "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
@@ -112,6 +127,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         self.service.draining = True
+        refusal = ClientError(503, "the server is shutting down", {"Retry-After": "5"})
+        with suppress(RuntimeError):  # a signal handler: touch the line from the loop, not here
+            asyncio.get_running_loop().call_soon_threadsafe(
+                self.service.admission.refuse_waiting, refusal)
         if self.service.batcher is not None:
             self.service.batcher.close()
         super().handle_exit(sig, frame)
@@ -121,21 +140,12 @@ class DrainingServer(uvicorn.Server):
             captured.remove(sig)
 
 
-def http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with one write per response (app/http.py), when httptools is
-    installed (the serve extra installs it); otherwise uvicorn's own choice."""
-    if importlib.util.find_spec("httptools") is None:
-        return "auto"
-    from app.http import CoalescingHttpToolsProtocol
-
-    return CoalescingHttpToolsProtocol
-
-
 def serve_granian(settings: Settings) -> int:
     """Serve on Granian's RSGI interface (app/rsgi.py) in one worker process, which builds the
     app from HFF_* variables: the command line's settings are passed on that way."""
     try:
         from granian import Granian
+        from granian.http import HTTP1Settings
     except ImportError:
         print(f"{PROG}: error: HFF_SERVER=granian needs the granian extra "
               "(pip install 'hff-serve[granian]')", file=sys.stderr)
@@ -145,7 +155,11 @@ def serve_granian(settings: Settings) -> int:
     server = Granian("app.rsgi:create_rsgi_app", factory=True, interface="rsgi",
                      address=settings.HOST, port=settings.PORT, workers=1, runtime_mode="st",
                      loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-                     log_level=settings.LOG_LEVEL, log_access=False)
+                     log_level=settings.LOG_LEVEL, log_access=False,
+                     # the header deadline of app.protocol, in Granian's terms (app/rsgi.py says
+                     # which of uvicorn's other limits Granian does not get)
+                     http1_settings=HTTP1Settings(
+                         header_read_timeout=max(1, round(settings.HEADER_TIMEOUT_S * 1000))))
     server.serve()
     return 0
 
@@ -171,6 +185,19 @@ def configure_logging(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn with every client-controlled wait bounded (README: operations), writing each
+    response in one socket write (app.http, through app.protocol's class)."""
+    protocol = partial(GuardedHttpToolsProtocol, header_timeout=settings.HEADER_TIMEOUT_S,
+                       max_header_bytes=settings.MAX_HEADER_BYTES)
+    return uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=protocol,
+                          proxy_headers=False,  # nothing here reads the client's address
+                          log_level=settings.LOG_LEVEL, access_log=False,
+                          timeout_keep_alive=settings.KEEP_ALIVE_TIMEOUT_S,
+                          timeout_graceful_shutdown=settings.SHUTDOWN_TIMEOUT_S,
+                          limit_concurrency=settings.MAX_CONNECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -186,13 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.SERVER == "granian":
         return serve_granian(settings)
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=http_protocol(),
-                            proxy_headers=False,  # nothing here reads the client's address
-                            log_level=settings.LOG_LEVEL, access_log=False,
-                            timeout_graceful_shutdown=None)
-    server = DrainingServer(config, app.state.service)
+    config = server_config(app, settings)
+    service: Service = app.state.service
+    server = DrainingServer(config, service)
+    service.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and service.failure is None else 1
 
 
 if __name__ == "__main__":

@@ -1,26 +1,27 @@
-"""The one ASGI layer in front of FastAPI: the body limit, the request metrics, and the hot routes.
+"""The ASGI layer inside app.guard's: the body limit, and the hot routes.
 
 POST /predict with a JSON body and POST /v2/models/{name}/infer are answered here, without
 FastAPI's per-request routing, dependency solving and response classes: at a few thousand small
 requests a second those were most of one request's cost (README, "Request path"). They call the
-same functions as the FastAPI routes (auth in app/deps.py, decoding and the response body in
-app/routes/), so behaviour and errors are one implementation; FastAPI still routes everything
-else and documents all routes in /docs.
+same functions as the FastAPI routes (auth in app/deps.py; admission, decoding, inference and
+the response body in app/routes/), so behaviour and errors are one implementation; FastAPI still
+routes everything else and documents all routes in /docs. app.guard's RequestGuard sits outside
+this layer (app.main.ServiceApp), so the hot routes keep its metrics, body deadline, disconnect
+handling and shutdown cut; they read the body through the guard's `receive`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.decoding import media_type
 from app.deps import check_api_key
-from app.errors import ClientError
+from app.errors import ClientError, bounded
 from app.routes.kserve import infer_json
 from app.routes.predict import is_json, predict_json
 from app.service import Service
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 V2_MODELS, INFER = "/v2/models/", "/infer"
-# (service, model name from the path, headers, body) -> the response body
-HotHandler = Callable[[Service, str, dict[str, str], bytes], Awaitable[dict[str, Any]]]
+BodyReader = Callable[[], Awaitable[bytes]]
+# (service, model name from the path, headers, body reader) -> the response body; the handler
+# reads the body only once its request is admitted (Service.admit)
+HotHandler = Callable[[Service, str, dict[str, str], BodyReader], Awaitable[dict[str, Any]]]
 
 
 class BodyTooLarge(ClientError):
@@ -42,58 +45,48 @@ class ClientGone(Exception):
     """The client closed the connection before its request body arrived."""
 
 
+class RouteTemplate(NamedTuple):
+    """What app.guard reads from scope["route"] (as from a FastAPI route): the metrics label."""
+
+    path: str
+
+
+PREDICT, INFER_ROUTE = RouteTemplate("/predict"), RouteTemplate("/v2/models/{name}/infer")
+
+
 def error_body(message: str) -> bytes:
     """The one error format, {"error": "..."} (app/errors.py answers FastAPI's the same way)."""
-    return orjson.dumps({"error": message})
+    return orjson.dumps({"error": bounded(message)})
 
 
 class ServiceMiddleware:
-    """Body limit and metrics for every request; the hot routes served directly."""
+    """Body limit for every request; the hot routes served directly."""
 
     def __init__(self, app: ASGIApp, service: Service):
         self.app = app
         self.service = service
         self.max_bytes = service.settings.MAX_BODY_BYTES
-        self.metrics = service.metrics
-        # labelled children looked up once: .labels() costs a lock and a dict build per call
-        self._counters: dict[tuple[str, int], Any] = {}
-        self._latencies: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
         # lower-case names (ASGI guarantees it); the first of repeated headers wins, as in Starlette
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
-        status = 500
-        route = "unmatched"
-        try:
-            declared = headers.get("content-length")
-            if declared is not None and (problem := self.length_problem(declared)) is not None:
-                status = problem.status
-                await respond(send, status, error_body(problem.message))
-                return
-            hot = hot_route(scope["method"], scope["path"], headers)
-            if hot is not None:
-                route, handler, name = hot
-                status = await self._serve_hot(handler, name, headers, receive, send)
-                return
-            sent: list[int] = []
-
-            async def sending(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    sent.append(message["status"])
-                await send(message)
-
-            try:
-                await self.app(scope, self._limited(receive), sending)
-            finally:
-                status = sent[0] if sent else 500
-                # Route templates, never raw paths: unknown paths must not grow the label set.
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-        finally:
-            self.observe(route, status, time.perf_counter() - start)
+        declared = headers.get("content-length")
+        if declared is not None and (problem := self.length_problem(declared)) is not None:
+            await respond(send, problem.status, error_body(problem.message))
+            return
+        hot = hot_route(scope["method"], scope["path"], headers)
+        if hot is None:
+            await self.app(scope, self._limited(receive), send)
+            return
+        route, handler, name = hot
+        scope["route"] = route  # app.guard labels the request by this template
+        answer = await self.answer(handler, name, headers, lambda: self._read_body(receive))
+        if answer is not None:  # else the client left; app.guard counts the 499
+            status, out, extra = answer
+            await respond(send, status, out, extra)
 
     def length_problem(self, declared: str) -> ClientError | None:
         try:
@@ -132,24 +125,13 @@ class ServiceMiddleware:
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
-    async def _serve_hot(self, handler: HotHandler, name: str, headers: dict[str, str],
-                         receive: Receive, send: Send) -> int:
-        answer = await self.answer(handler, name, headers, lambda: self._read_body(receive))
-        if answer is None:
-            return 499  # nginx's "client closed request": nobody to answer
-        status, out, extra = answer
-        await respond(send, status, out, extra)
-        return status
-
     async def answer(self, handler: HotHandler, name: str, headers: dict[str, str],
-                     read_body: Callable[[], Awaitable[bytes]]
-                     ) -> tuple[int, bytes, dict[str, str] | None] | None:
+                     read_body: BodyReader) -> tuple[int, bytes, dict[str, str] | None] | None:
         """A hot route's (status, JSON body, extra headers), whatever the server interface;
         None when the client went away before its body arrived."""
         try:
             check_api_key(self.service, headers)
-            body = await read_body()
-            return 200, orjson.dumps(await handler(self.service, name, headers, body)), None
+            return 200, orjson.dumps(await handler(self.service, name, headers, read_body)), None
         except ClientError as e:
             return e.status, error_body(e.message), e.headers
         except ClientGone:
@@ -157,17 +139,6 @@ class ServiceMiddleware:
         except Exception:
             log.exception("unexpected error on a hot route")
             return 500, error_body("internal server error (logged on the server)"), None
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[route, status] = self.metrics.requests.labels(
-                route=route, status=str(status))
-        latency = self._latencies.get(route)
-        if latency is None:
-            latency = self._latencies[route] = self.metrics.latency.labels(route=route)
-        counter.inc()
-        latency.observe(seconds)
 
 
 async def respond(send: Send, status: int, body: bytes,
@@ -180,19 +151,19 @@ async def respond(send: Send, status: int, body: bytes,
 
 
 async def _predict(service: Service, name: str, headers: dict[str, str],
-                   body: bytes) -> dict[str, Any]:
-    return await predict_json(service, body)
+                   read_body: BodyReader) -> dict[str, Any]:
+    return await predict_json(service, headers, read_body)
 
 
 def hot_route(method: str, path: str,
-              headers: dict[str, str]) -> tuple[str, HotHandler, str] | None:
+              headers: dict[str, str]) -> tuple[RouteTemplate, HotHandler, str] | None:
     """(route template, handler, model name) for a request the hot path answers, else None."""
     if method != "POST":
         return None
     if path == "/predict":
-        return ("/predict", _predict, "") if is_json(media_type(headers)) else None
+        return (PREDICT, _predict, "") if is_json(media_type(headers)) else None
     if path.startswith(V2_MODELS) and path.endswith(INFER):
         name = path[len(V2_MODELS):-len(INFER)]
         if name and "/" not in name:
-            return "/v2/models/{name}/infer", infer_json, name
+            return INFER_ROUTE, infer_json, name
     return None

@@ -2,8 +2,15 @@
 
 Granian parses HTTP in Rust on its own thread; RSGI hands Python a request object and takes the
 response in one call, without ASGI's message dicts. The hot routes are answered through the same
-`ServiceMiddleware.answer` as on uvicorn; every other request is handed to the ASGI app (so the
-body limit, metrics, FastAPI's routes and error handlers are the same code on both servers).
+`ServiceMiddleware.answer` as on uvicorn (so admission, decode threads and the request deadline
+are the same code), counted by the same `RequestGuard.observe`, with the guard's body deadline;
+every other request is handed to the ASGI app, through the guard (so the body limit, metrics,
+FastAPI's routes and error handlers are the same code on both servers).
+
+Not on Granian (README, "Operations"): app.protocol's header size limit (Granian's own HTTP
+buffer, about 400 KB, bounds headers instead) and uvicorn's keep-alive and graceful-shutdown
+timeouts and connection limit; a client that leaves during inference on a hot route is not
+noticed until its answer is written. The header deadline is Granian's own (HFF_HEADER_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from urllib.parse import unquote
 
 from granian.rsgi import ProtocolClosed
 
+from app.guard import CLIENT_CLOSED, BodyTimeout, RequestGuard
 from app.main import ServiceApp, configure_logging, create_app, lifespan
 from app.middleware import BodyTooLarge, ClientGone, ServiceMiddleware, hot_route
 from app.settings import Settings
@@ -27,8 +35,10 @@ class RSGIApp:
 
     def __init__(self, app: ServiceApp):
         self.app = app
-        self.front: ServiceMiddleware = app.build_middleware_stack()
-        app.middleware_stack = self.front  # the ASGI path below goes through the same layer
+        self.guard: RequestGuard = app.build_middleware_stack()
+        app.middleware_stack = self.guard  # the ASGI path below goes through the same layers
+        self.front: ServiceMiddleware = self.guard.app  # type: ignore[assignment]
+        self.body_timeout = app.state.service.settings.BODY_TIMEOUT_S
         self._lifespan: Any = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -51,17 +61,24 @@ class RSGIApp:
             await self._asgi(scope, proto, headers)
             return
         route, handler, name = hot
-        answer = await front.answer(handler, name, headers,
-                                    lambda: read_body(proto, front.max_bytes, declared))
+
+        async def body() -> bytes:
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    return await read_body(proto, front.max_bytes, declared)
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
+
+        answer = await front.answer(handler, name, headers, body)
         if answer is None:
-            status = 499
+            status = CLIENT_CLOSED
         else:
-            status, body, extra = answer
+            status, out_body, extra = answer
             out = [("content-type", JSON)]
             if extra:
                 out += list(extra.items())
-            proto.response_bytes(status, out, body)
-        front.observe(route, status, time.perf_counter() - start)
+            proto.response_bytes(status, out, out_body)
+        self.guard.observe(route.path, status, time.perf_counter() - start)
 
     async def _asgi(self, scope: Any, proto: Any, headers: dict[str, str]) -> None:
         """One request through the ASGI app, its response collected and sent in one piece."""
