@@ -37,6 +37,7 @@ from contract.model_dir import (
     InputSpec,
     Manifest,
     Normalization,
+    OperatingPoint,
     StageSpec,
     full_graph_outputs,
     graphs_version,
@@ -344,8 +345,32 @@ def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
         test_accuracy=test.accuracy,
         test_compute_fraction=test.compute_fraction,
     )
+    section.operating_points = operating_points(heldout, macs, epsilon, confidence)
     per_block = [float(v) for v in (test_probs.argmax(2) == test_labels[:, None]).mean(0)]
     return section, per_block, sweep(val_probs, val_labels, macs)
+
+
+# Accuracy losses the cheaper operating points are calibrated for, beyond the export's epsilon:
+# up to 10 points below the full network, past which an answer is rarely worth having.
+OPERATING_POINT_EPSILONS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1)
+
+
+def operating_points(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
+                     confidence: float) -> list[OperatingPoint]:
+    """The calibrated point, then the points calibrated for larger losses, each kept only when
+    it is cheaper on val than the one before (so the list runs from dear to cheap)."""
+    points: list[OperatingPoint] = []
+    for eps in (epsilon, *(e for e in OPERATING_POINT_EPSILONS if e > epsilon)):
+        thresholds = calibrate(heldout["val_probs"], heldout["val_labels"], eps, confidence)
+        val = evaluate(heldout["val_probs"], heldout["val_labels"], thresholds, macs)
+        if points and val.compute_fraction >= points[-1].compute_fraction - 1e-9:
+            continue
+        test = evaluate(heldout["test_probs"], heldout["test_labels"], thresholds, macs)
+        points.append(OperatingPoint(
+            thresholds=thresholds, epsilon=eps, expected_accuracy=val.accuracy,
+            compute_fraction=val.compute_fraction, test_accuracy=test.accuracy,
+            test_compute_fraction=test.compute_fraction))
+    return points
 
 
 # --- the whole export ---------------------------------------------------------------------
@@ -553,6 +578,13 @@ def print_report(result: ExportResult) -> None:
           f"{ee.compute_fraction * 100:>6.1f}%")
     print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee.test_accuracy * 100:>13.2f}%  "
           f"{ee.test_compute_fraction * 100:>6.1f}%")
+    print("\noperating points (a server under load moves from 0 towards cheaper ones):")
+    print(f"{'point':>5}  {'epsilon':>7}  {'val acc':>7}  {'val compute':>11}  {'test acc':>8}  "
+          f"{'test compute':>12}")
+    for i, p in enumerate(ee.operating_points):
+        print(f"{i:>5}  {p.epsilon * 100:>6.1f}%  {p.expected_accuracy * 100:>6.2f}%  "
+              f"{p.compute_fraction * 100:>10.1f}%  {p.test_accuracy * 100:>7.2f}%  "
+              f"{p.test_compute_fraction * 100:>11.1f}%")
     print(f"model dir: {result.model_dir}")
 
 
