@@ -27,8 +27,9 @@ import torch  # noqa: E402
 
 from contract.model_dir import full_graph_outputs  # noqa: E402
 from model.config import preset_config  # noqa: E402
-from model.export import DEFAULT_OPSET, EXAMPLE_BATCH, FullGraph, export_graph  # noqa: E402
 from model.hff import HFFNet  # noqa: E402
+from model.onnx_graphs import EXAMPLE_BATCH, FullGraph, export_graph  # noqa: E402
+from model.onnx_verify import DEFAULT_OPSET  # noqa: E402
 
 
 def time_calls(fn, min_time: float) -> float:
