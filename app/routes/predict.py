@@ -46,6 +46,7 @@ _BODY = {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                          "description": "PNG or JPEG images (any field name); one prediction each"},
                 "early_exit": {"type": "string", "description": "auto, off or a threshold such as 0.9"},
+                "deadline_ms": {"type": "number"},
                 "top_k": {"type": "integer"},
                 "return_blocks": {"type": "boolean"},
             },
@@ -110,6 +111,7 @@ async def predict(request: Request, service: ServiceDep) -> JSONResponse:
             body = await request.body()
             heavy = len(body) > INLINE_DECODE_BYTES or b'"b64"' in body
             options, x = await service.decode(ticket, heavy, _decode_json, body, service)
-        job = await service.infer(x, options.early_exit, ticket, options.return_blocks)
+        job = await service.infer(x, options.early_exit, ticket, options.return_blocks,
+                                  options.deadline_ms)
         return JSONResponse({"model": service.model_ref(),
                              "predictions": service.predictions(job, options.top_k)})

@@ -139,6 +139,10 @@
     $("meta-thresholds").textContent = th.length
       ? `${th.join(", ")} (default ${ee.default_mode || "auto"})`
       : "none";
+    const points = ee.operating_points || [];
+    showPoint(typeof ee.current_point === "number" ? ee.current_point : 0,
+              points.length && points[ee.current_point || 0]
+                ? points[ee.current_point || 0].expected_accuracy : null);
     const acc = model.test_accuracy_per_block || [];
     $("meta-accuracy").textContent = acc.length ? acc.map(fmtPct).join(" · ") : "n/a";
     const eps = (model.execution_providers || []).join(", ");
@@ -648,6 +652,18 @@
     return node;
   }
 
+  // The operating point 'auto' uses now: 0 is the calibrated one; the service moves to cheaper
+  // ones under load when it has a latency target (HFF_LATENCY_TARGET_MS).
+  function showPoint(index, accuracy) {
+    const ee = (state.model && state.model.early_exit) || {};
+    const count = (ee.operating_points || []).length;
+    const target = ee.latency_target_ms ? `, target ${ee.latency_target_ms} ms` : ", no latency target";
+    $("meta-point").textContent =
+      `#${index}${index === 0 ? " (calibrated)" : " (cheaper, under load)"}` +
+      (typeof accuracy === "number" ? `, expected accuracy ${fmtPct(accuracy)}` : "") +
+      ` — ${count} point${count === 1 ? "" : "s"}${target}`;
+  }
+
   function renderPrediction(pred, mode) {
     document.querySelector(".result-panel").classList.remove("stale");
     const L = state.model.num_blocks;
@@ -664,6 +680,17 @@
         `Exited at block ${pred.exit_block} of ${L}`,
         early ? ` — early exit, ${saved} block${saved > 1 ? "s" : ""} skipped` : ""),
     );
+    const point = pred.operating_point;
+    if (point && typeof point.index === "number") {
+      showPoint(point.index, point.expected_accuracy);
+      box.append(el("p", { class: "pred-point", id: "pred-point" },
+        `Operating point #${point.index}` + (typeof point.expected_accuracy === "number"
+          ? ` (expected accuracy ${fmtPct(point.expected_accuracy)})` : "")));
+    }
+    if (pred.deadline_missed) {
+      box.append(el("p", { class: "pred-point" },
+        "Answered from the block it reached: its deadline passed"));
+    }
     if (Array.isArray(pred.top_k) && pred.top_k.length > 1) {
       const list = el("ol", { class: "topk", "aria-label": "Top classes" });
       for (const t of pred.top_k) {

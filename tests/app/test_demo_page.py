@@ -218,6 +218,9 @@ def test_draw_a_digit_predict_and_see_each_block(site, browser):
     assert sent[0, 3:5, 3:5].max() < 0.2 and sent[0, :, 1].max() > 0.5
     assert shown["class_name"] == "0"
     _check_blocks(shown, num_blocks)
+    # the operating point that answered ('auto', no latency target: the calibrated one)
+    assert browser.find_element(By.ID, "pred-point").text.startswith("Operating point #0")
+    assert browser.find_element(By.ID, "meta-point").text.startswith("#0 (calibrated)")
     # The page shows what the service answers for exactly the array the page sent.
     direct = _api_predict(site, shown["request"])
     assert (direct["class_name"], direct["exit_block"]) == (shown["class_name"], shown["exit_block"])
