@@ -1,4 +1,5 @@
-"""Dynamic batcher with per-sample early exit and stage-level scheduling.
+"""Dynamic batcher with per-sample early exit and stage-level scheduling (docs/architecture.md,
+"The batcher and early exit").
 
 Each stage (block) has its own queue. New rows join stage 1's; after a stage runs, the rows whose
 confidence reaches their threshold are answered at once and the others join the next stage's
@@ -164,10 +165,6 @@ class Batcher:
         self._executor.shutdown(wait=True)
         log.info("batcher stopped: %d requests accepted, %d answered", self.accepted_requests,
                  self.answered_requests)
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     def close(self) -> None:
         """Stop accepting work now (SIGTERM); stop() still drains what was accepted."""

@@ -22,11 +22,13 @@ from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
+from app.openapi import install_openapi
 from app.protocol import GuardedHttpToolsProtocol
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.cli import OneLineParser
 from contract.model_dir import ModelDirError
 from contract.pydantic_errors import describe_errors
 
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, metrics=metrics_, body_timeout=settings.BODY_TIMEOUT_S)
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
+    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
@@ -114,11 +117,6 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and captured:
             # uvicorn re-raises captured signals after shutdown; a drained SIGTERM exits 0 instead
             captured.remove(sig)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,16 +101,6 @@ def load_checkpoint(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return config, model.eval()
 
 
-def load_metrics(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / METRICS_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the run has not finished") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-
-
 def load_heldout(run_dir: str | Path, num_blocks: int, num_classes: int) -> dict[str, np.ndarray]:
     """The trainer's per-block probabilities on val and test: probs (N, L, C), labels (N,)."""
     from safetensors import SafetensorError

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from contract.cli import DefaultsHelpFormatter, OneLineParser
 from model.checkpoint import CheckpointError
 from model.export import (
     DEFAULT_CONFIDENCE,
@@ -19,16 +20,9 @@ from model.onnx_verify import DEFAULT_OPSET
 PROG = "hff-export"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage + error; we print one line that says what was wrong."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Export a checkpoint dir to a verified ONNX model dir.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="checkpoint dir written by hff-train")
     p.add_argument("--out", required=True, help="model dir to write (an earlier one is replaced)")
     p.add_argument("--name", default=None, help="model name in the manifest (default: --out's name)")

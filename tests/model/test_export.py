@@ -369,7 +369,7 @@ def test_temp_dirs_of_a_killed_export_are_removed_by_the_next(tiny_run, tmp_path
     to the same --out removes it, and nothing that is not its own."""
     out = tmp_path / "models" / "m"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "model.export", str(tiny_run), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "model.export_cli", str(tiny_run), "--out", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(out.parent.glob(".m.*.tmp")) and time.monotonic() < deadline:
@@ -387,8 +387,16 @@ def test_temp_dirs_of_a_killed_export_are_removed_by_the_next(tiny_run, tmp_path
     past = time.time() - 3600
     for p in [*kept, *left]:
         os.utime(p, (past, past))
-    run_module("model.export", str(tiny_run), "--out", str(out), timeout=600).check_returncode()
+    run_module("model.export_cli", str(tiny_run), "--out", str(out), timeout=600).check_returncode()
     assert (out / "manifest.json").is_file()
     assert not any(p.exists() for p in left)
     assert all(p.exists() for p in kept)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(["m", *(p.name for p in kept)])
+
+
+def test_help_shows_only_the_defaults_that_say_something(capsys):
+    with pytest.raises(SystemExit):
+        export_cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: --out's name)" in text
+    assert "(default: 0.95)" in text
