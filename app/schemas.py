@@ -8,11 +8,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.early_exit import EarlyExitMode
 
+# Below 50 ms the HTTP path alone (body, parsing, queueing) may use the deadline up: a client
+# asking for less would only collect 503s.
+MIN_DEADLINE_MS = 50.0
 DeadlineMs = Annotated[float | None, Field(
-    None, gt=0, le=600_000,
-    description="milliseconds from the request's arrival: an instance still waiting for a block "
-                "then is answered from the block it reached (deadline_missed: true); a request "
-                "with an instance that reached none gets 503")]
+    None, ge=MIN_DEADLINE_MS, le=600_000,
+    description="milliseconds from the request's arrival (50 or more): an instance still waiting "
+                "for a block then is answered from the block it reached (deadline_missed: true); "
+                "a request with an instance that reached none gets 503")]
 
 
 class PredictOptions(BaseModel):

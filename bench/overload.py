@@ -310,6 +310,8 @@ def main() -> int:
     pl.add_argument("--results", required=True)
     pl.add_argument("--out", default=str(REPO / "docs/overload.png"))
     args = p.parse_args()
+    if getattr(args, "model", None) is not None:
+        args.model = args.model.resolve()  # servers may run from another checkout's dir
     return {"saturate": saturate, "sweep": sweep, "plot": plot}[args.command](args)
 
 

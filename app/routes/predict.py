@@ -23,6 +23,7 @@ from app.decoding import (
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, excerpt
 from app.schemas import (
+    MIN_DEADLINE_MS,
     ErrorResponse,
     PredictOptions,
     PredictRequest,
@@ -47,7 +48,8 @@ _BODY = {
                          "description": "PNG or JPEG images (any field name); one prediction each"},
                 "early_exit": {"type": "string", "description": "auto, off or a threshold such "
                                "as 0.9", "pattern": r"^(auto|off|0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$"},
-                "deadline_ms": {"type": "number", "exclusiveMinimum": 0},
+                "deadline_ms": {"type": "number", "minimum": MIN_DEADLINE_MS,
+                                "maximum": 600_000},
                 "top_k": {"type": "integer", "minimum": 1},
                 "return_blocks": {"type": "boolean"},
             },
