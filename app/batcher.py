@@ -70,6 +70,7 @@ class Job:
     adaptive: bool = False  # 'auto': the load controller's current point decides the thresholds
     deadline: float | None = None  # time.monotonic() by which rows must start their next block
     enqueued: float = field(default_factory=time.monotonic)
+    arrived: float | None = None  # when the request arrived (before admission); None: enqueued
     probs: np.ndarray | None = None  # (n, num_classes): the exit block's probabilities
     exit_block: np.ndarray | None = None  # (n,) 1-based
     operating_point: np.ndarray | None = None  # (n,) index of the point that answered; -1 none
@@ -177,7 +178,8 @@ class Batcher:
     # --- submission ------------------------------------------------------------------------
 
     def submit(self, x: np.ndarray, thresholds: np.ndarray | None, return_blocks: bool,
-               adaptive: bool = False, deadline: float | None = None) -> Job:
+               adaptive: bool = False, deadline: float | None = None,
+               arrived: float | None = None) -> Job:
         """Queue a request's rows; its future resolves when every row has exited."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
@@ -187,7 +189,8 @@ class Batcher:
             raise QueueFull(f"the queue is full ({queued} of {self.queue_bound} instances "
                             "waiting)")
         job = Job(x=x, thresholds=thresholds, return_blocks=return_blocks, adaptive=adaptive,
-                  deadline=deadline, future=asyncio.get_running_loop().create_future())
+                  deadline=deadline, arrived=arrived,
+                  future=asyncio.get_running_loop().create_future())
         self._push(0, Segment([job] * n, np.arange(n), x, None, job.enqueued))
         self._in_flight += n
         self.accepted_requests += 1
@@ -282,7 +285,8 @@ class Batcher:
         return max(busy, key=lambda k: (min(self._queued[k], self.max_batch_size), k))
 
     def _oldest_age(self, now: float) -> float:
-        ages = [now - q[0].jobs[0].enqueued for q in self._queues if q]
+        """How long the oldest queued row's request has been waiting, admission included."""
+        ages = [now - (q[0].jobs[0].arrived or q[0].jobs[0].enqueued) for q in self._queues if q]
         return max(ages, default=0.0)
 
     def _steer(self) -> None:

@@ -2,8 +2,9 @@
 
 The manifest lists operating points from the calibrated one (index 0) to ever cheaper ones.
 With a latency target (HFF_LATENCY_TARGET_MS) the controller estimates how long the rows queued
-now will wait, the larger of the oldest queued row's age and queued rows / recent throughput (the
-second sees a burst before its rows have aged), and moves:
+now will wait, the larger of the oldest queued row's age (since its request arrived, so time spent
+waiting for admission counts) and queued rows / capacity (rows answered per second of inference;
+it sees a burst before its rows have aged), and moves:
   - one point cheaper when that estimate passes half the target, at most once per `down_dwell_s`
     (so a move has time to show before the next one);
   - one point back towards the calibrated point when it stayed under `low` x target for

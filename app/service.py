@@ -141,7 +141,8 @@ class Service:
         thresholds, adaptive = self.thresholds_for(mode)
         deadline = None if deadline_ms is None else ticket.started + deadline_ms / 1000.0
         try:
-            job = self.batcher.submit(x, thresholds, return_blocks, adaptive, deadline)
+            job = self.batcher.submit(x, thresholds, return_blocks, adaptive, deadline,
+                                      arrived=ticket.started)
         except QueueFull as e:
             raise ClientError(429, f"{e}; retry later", {"Retry-After": "1"}) from None
         except ShuttingDown as e:
