@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ClientError
@@ -70,41 +69,45 @@ class RequestGuard:
                 ex.complete = True
             await send(message)
 
-        async with anyio.create_task_group() as tg:
+        task = asyncio.current_task()
+        watcher: asyncio.Task | None = None
 
-            async def watch_disconnect() -> None:
-                """After the body: the next message is http.disconnect, when the client leaves
-                or once the response is complete."""
-                if (await receive())["type"] == "http.disconnect" and not ex.complete:
-                    ex.disconnected = True
-                    tg.cancel_scope.cancel()
+        async def watch_disconnect() -> None:
+            """After the body: the next message is http.disconnect, when the client leaves or
+            once the response is complete."""
+            if (await receive())["type"] == "http.disconnect" and not ex.complete:
+                ex.disconnected = True
+                if task is not None:
+                    task.cancel()  # stop the handler: nobody will read its answer
 
-            async def receiving() -> Message:
-                nonlocal deadline
-                if ex.body_done or ex.disconnected:
-                    return {"type": "http.disconnect"} if ex.disconnected else await receive()
-                loop = asyncio.get_running_loop()
-                deadline = deadline or loop.time() + self.body_timeout
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        message = await receive()
-                except TimeoutError:
-                    raise BodyTimeout(self.body_timeout) from None
-                if message["type"] == "http.disconnect":
-                    ex.disconnected = not ex.complete
-                    tg.cancel_scope.cancel()
-                elif not message.get("more_body", False):
-                    ex.body_done = True
-                    tg.start_soon(watch_disconnect)
-                return message
-
+        async def receiving() -> Message:
+            nonlocal deadline, watcher
+            if ex.body_done or ex.disconnected:
+                return {"type": "http.disconnect"} if ex.disconnected else await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_timeout
             try:
-                await self.app(scope, receiving, sending)
-            except asyncio.CancelledError:
-                if tg.cancel_scope.cancel_called:
-                    raise  # our own cancel (the client left): the task group absorbs it
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
+            if message["type"] == "http.disconnect":
+                ex.disconnected = not ex.complete  # Starlette raises ClientDisconnect: a 499
+            elif not message.get("more_body", False):
+                ex.body_done = True
+                watcher = asyncio.create_task(watch_disconnect())
+            return message
+
+        try:
+            await self.app(scope, receiving, sending)
+        except asyncio.CancelledError:
+            if task is not None and ex.disconnected:
+                task.uncancel()  # our own cancel: the client left
+            else:
                 await self._cut(scope, ex, send)  # the server's shutdown timeout cut it
-            tg.cancel_scope.cancel()  # stop the watcher
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if ex.disconnected:
             ex.status = CLIENT_CLOSED
             log.info("client went away: %s %s after %.2fs, %s (499)", scope["method"],

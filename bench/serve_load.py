@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -276,10 +277,26 @@ async def goodput(url: str, payloads: list[Payload], concurrency: int, seconds: 
             await conn.close()
 
     await asyncio.gather(probe(), *(worker(w) for w in range(concurrency)))
+    await until_idle(url)
     lat = np.array(latencies or [float("nan")]) * 1000
     return {"ok": counts.pop(200, 0) / seconds, "other": counts, "p50": float(np.median(lat)),
             "p99": float(np.percentile(lat, 99)),
             "readyz": float(np.max(ready_ms)) if ready_ms else float("nan")}
+
+
+async def until_idle(url: str, limit_s: float = 60.0) -> None:
+    """Wait until the server holds no admitted or waiting request: what the clients of one cell
+    left queued when they stopped must not be served during the next cell."""
+    conn, deadline = RawConnection(url), time.perf_counter() + limit_s
+    try:
+        while time.perf_counter() < deadline:
+            _, text = await conn.get("/metrics")
+            held = re.findall(rb"^hff_(?:admitted_instances|waiting_requests) (\S+)$", text, re.M)
+            if all(float(v) == 0 for v in held):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
 
 
 def goodput_sweep(args: argparse.Namespace) -> int:
