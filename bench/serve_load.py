@@ -439,6 +439,8 @@ def main() -> int:
 
     print(f"# medians of {args.repeats} interleaved repeats of {args.seconds:g} s each "
           "(min-max throughput in brackets)")
+    print("# baselines: batching off = the same server, runtime and onnxruntime threads at max "
+          "batch 1; early exit off = the same batching server running every block")
     print("| model | server | early exit | concurrency | instances/s | p50 ms | p99 ms | "
           "accuracy (test) | mean exit block |")
     print("|---|---|---|---|---|---|---|---|---|")
