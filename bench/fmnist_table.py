@@ -92,6 +92,35 @@ def train_memory(preset: str, launcher: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def early_exit_report(run_dir: Path, model_dir: Path) -> list[str]:
+    """The exported model's calibrated thresholds (fit on the validation split) applied to the
+    run's test probabilities: accuracy against the full network, share of MACs, exit histogram."""
+    from safetensors.numpy import load_file
+
+    from model.calibration import evaluate
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    heldout = load_file(str(run_dir / "heldout.safetensors"))
+    probs, labels = heldout["test_probs"], heldout["test_labels"]
+    macs = [stage["macs"] for stage in manifest["stages"]]
+    blocks = len(macs)
+    early = evaluate(probs, labels, manifest["early_exit"]["thresholds"], macs)
+    full = evaluate(probs, labels, [None] * (blocks - 1), macs)
+    val_n = len(heldout["val_labels"])
+    thresholds = ", ".join("never" if t is None else f"{t:.3f}"
+                           for t in manifest["early_exit"]["thresholds"])
+    return [
+        f"early exit ({model_dir}): thresholds {thresholds} calibrated on {val_n:,} validation "
+        f"images (epsilon {manifest['early_exit']['epsilon']}), applied to {len(labels):,} test images",
+        f"  test accuracy {early.accuracy * 100:.2f}% vs full network {full.accuracy * 100:.2f}% "
+        f"({(early.accuracy - full.accuracy) * 100:+.2f} points), "
+        f"{early.compute_fraction * 100:.1f}% of the full network's MACs, "
+        f"mean exit block {early.mean_blocks:.2f}",
+        "  exits per block: " + " / ".join(f"{k}: {f * 100:.1f}%"
+                                           for k, f in enumerate(early.exit_fraction, 1)),
+    ]
+
+
 def headline_table(by_variant: dict[str, list[dict]], train_images: int) -> list[str]:
     lines = ["| method | final-block test acc (%) | per-block test acc (%) | deepest-block "
              "separation | train wall (s) | train images/s |", "|---|---|---|---|---|---|"]
@@ -133,6 +162,8 @@ def main() -> int:
     p.add_argument("--ff-epochs", type=int, default=3)
     p.add_argument("--ff-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     p.add_argument("--no-memory", action="store_true", help="skip bench/train_memory.py")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="hff-export of the first HFF seed: report its early exit on test")
     p.add_argument("--data-dir", default=None, help="default: hff-train's lookup")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each run (0: torch's)")
     p.add_argument("--launcher", default="", help="prefix of every training command")
@@ -162,6 +193,9 @@ def main() -> int:
         match = re.search(r"training memory ([0-9.]+)", line)
         if match:
             print(f"HFF / backprop training memory: {float(match.group(1)):.2f}")
+    if args.model_dir is not None:
+        run_dir = Path(args.work) / f"{slug('HFF (local)')}-s{args.seeds[0]}"
+        print("\n".join(early_exit_report(run_dir, args.model_dir)))
     if ff:
         print(f"\nFF rows: {args.ff_preset}, {args.ff_epochs} epochs, seeds {args.ff_seeds or args.seeds}")
         print("\n".join(ff_table(ff)))

@@ -242,7 +242,7 @@ def _find_idx_folder(name: str, data_dir: Path | None, get_it: str) -> Path:
 
 
 def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: list[str],
-                  flip: bool, get_it: str) -> DataSplits:
+                  flip: bool, get_it: str, default_preset: str = "mnist-cnn") -> DataSplits:
     from training.readers import read_mnist_split
 
     folder = _find_idx_folder(name, data_dir, get_it)
@@ -253,7 +253,7 @@ def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: li
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DataError(f"{folder}/{where}-labels: a label lies outside 0..{len(class_names) - 1}")
     return _array_splits(name, train_x, train_y, test_x, test_y, class_names,
-                         default_preset="mnist-cnn",
+                         default_preset=default_preset,
                          augment=partial(random_crop_flip, pad=2, flip=flip))
 
 
@@ -274,7 +274,8 @@ def fashion_mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
 
     return _mnist_family("fashion-mnist", data_dir, FASHION_SOURCE, FASHION_CLASSES, flip=True,
                          get_it=("install it with `apt-get install dataset-fashion-mnist` (Debian), "
-                                 f"or download the four IDX files from {FASHION_SOURCE} into one of them"))
+                                 f"or download the four IDX files from {FASHION_SOURCE} into one of them"),
+                         default_preset="fmnist-cnn")
 
 
 def _cifar(name: str, data_dir: Path | None, layout_name: str) -> DataSplits:
