@@ -65,6 +65,7 @@ COPY --from=requirements /src/serve.txt requirements.txt
 RUN --mount=type=bind,from=wheels,target=/run/wheels \
     pip install --no-cache-dir --find-links /run/wheels -c constraints.txt -r requirements.txt
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY app app
 RUN pip install --no-cache-dir --no-deps . \
     && pip uninstall --yes pip setuptools \
@@ -83,6 +84,7 @@ RUN --mount=type=bind,from=wheels,target=/run/wheels \
         -c constraints.txt -r requirements.txt
 COPY docker/train-default.sh /usr/local/bin/hff-train-default
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY model model
 COPY training training
 RUN pip install --no-cache-dir --no-deps . \

@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ClientError, describe_validation_errors
+from app.errors import ClientError
+from contract.model_dir import RESIZE
+from contract.pydantic_errors import describe_errors
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 IMAGE_FORMATS = ["PNG", "JPEG"]
@@ -46,17 +48,20 @@ def parse_json_body(model: type[Body], body: bytes, example: str) -> Body:
             raise ClientError(400, f"the body is not valid JSON ({errors[0]['msg']})") from None
         if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
             raise ClientError(422, f"the body must be a JSON object like {example}") from None
-        raise ClientError(422, describe_validation_errors(
+        raise ClientError(422, describe_errors(
             [{**err, "loc": ("body", *err["loc"])} for err in errors])) from None
 
 
 class InputSpec:
-    """What one row must look like: (C, H, W) float32 with values in [lo, hi]."""
+    """What one row must look like: (C, H, W) float32 with values in [lo, hi]; images of another
+    size are resampled with `resize` (the manifest's, which training used)."""
 
-    def __init__(self, shape: tuple[int, int, int] | list[int], value_range: list[float]):
+    def __init__(self, shape: tuple[int, int, int] | list[int], value_range: list[float],
+                 resize: str = RESIZE):
         c, h, w = shape
         self.shape = (c, h, w)
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
+        self.resampling = Image.Resampling[resize.upper()]
 
     def accepted_shapes(self) -> str:
         c, h, w = self.shape
@@ -126,7 +131,7 @@ def decode_image(data: bytes, where: str, spec: InputSpec) -> np.ndarray:
             raise ClientError(415, f"{where}: images cannot feed a {c}-channel model; send arrays")
         converted = image.convert(mode)
         if converted.size != (w, h):
-            converted = converted.resize((w, h), Image.Resampling.BILINEAR)
+            converted = converted.resize((w, h), spec.resampling)
         arr = np.asarray(converted, dtype=np.float32) / 255.0
     # (H, W) -> (1, H, W), or (H, W, 3) -> (3, H, W)
     arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)

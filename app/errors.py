@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.pydantic_errors import describe_errors
+
 log = logging.getLogger(__name__)
 
 
@@ -24,18 +26,6 @@ class ClientError(Exception):
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def describe_validation_errors(errors: list[dict]) -> str:
-    """'body.top_k: Input should be greater than or equal to 1; ...' from pydantic's error list."""
-    parts = []
-    for e in errors[:5]:
-        loc = [str(p) for p in e.get("loc", ())]
-        where = ".".join(loc) or "request"
-        parts.append(f"{where}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
-    if len(errors) > 5:
-        parts.append(f"and {len(errors) - 5} more")
-    return "; ".join(parts)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -54,7 +44,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, describe_validation_errors(list(exc.errors())))
+        return error_response(422, describe_errors(exc.errors(), root="request"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -15,15 +15,17 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from app import __version__
 from app.batcher import Batcher
 from app.errors import install_error_handlers
-from app.manifest import ModelDirError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.model_dir import ModelDirError
+from contract.pydantic_errors import describe_errors
 
 log = logging.getLogger("app")
 PROG = "hff-serve"
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
-    app = FastAPI(title="HFF serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="HFF serve", version=__version__, lifespan=lifespan,
                   description="Hyperspherical Forward-Forward inference with dynamic batching "
                               "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
@@ -119,14 +121,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def describe_settings_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        parts.append(f"HFF_{field.upper()}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
     except ValidationError as e:
-        print(f"{PROG}: error: {describe_settings_error(e)}", file=sys.stderr)
+        message = describe_errors(e, name=lambda field: f"HFF_{field.upper()}")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except ModelDirError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.manifest import Manifest, ModelDirError, load_manifest
+from contract.model_dir import (
+    GRAPH_INPUT,
+    STAGE_FEATURES,
+    STAGE_OUTPUTS,
+    STAGE_PROBS,
+    Manifest,
+    ModelDirError,
+    full_graph_outputs,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +96,7 @@ class ModelRuntime:
             log.warning("onnxruntime could not start the CUDA provider (no GPU?): serving on the CPU")
         self.device = "cuda" if self.on_cuda else "cpu"
         self.full_outputs = [o.name for o in self.full.get_outputs()]
-        expected = [f"probs_{k}" for k in range(1, self.manifest.num_blocks + 1)]
+        expected = full_graph_outputs(self.manifest.num_blocks)
         if self.full_outputs != expected:
             raise ModelDirError(f"{self.model_dir / self.manifest.full_graph} has outputs "
                                 f"{self.full_outputs}, the manifest implies {expected}")
@@ -126,22 +135,22 @@ class ModelRuntime:
     def run_full(self, x: np.ndarray) -> list[np.ndarray]:
         """Every block's probabilities, (rows, num_classes) each, from model.onnx in one call."""
         n = x.shape[0]
-        outputs = self.full.run(self.full_outputs, {"input": self._pad(x)})
+        outputs = self.full.run(self.full_outputs, {GRAPH_INPUT: self._pad(x)})
         return [o[:n] for o in outputs]
 
     def run_stage(self, k: int, x: Any, rows: int) -> StageOutput:
         """Block k (0-based) on `x` (host array or device OrtValue) holding `rows` real rows."""
         session = self.stages[k]
         if not self.on_cuda:
-            features, probs = session.run(["features", "probs"], {"input": x})
+            features, probs = session.run(STAGE_OUTPUTS, {GRAPH_INPUT: x})
             return StageOutput(features, probs)
         binding = session.io_binding()
         if isinstance(x, np.ndarray):
-            binding.bind_cpu_input("input", self._pad(np.ascontiguousarray(x)))
+            binding.bind_cpu_input(GRAPH_INPUT, self._pad(np.ascontiguousarray(x)))
         else:
-            binding.bind_ortvalue_input("input", x)
-        binding.bind_output("features", "cuda")  # stays on the device for the next stage
-        binding.bind_output("probs", "cpu")
+            binding.bind_ortvalue_input(GRAPH_INPUT, x)
+        binding.bind_output(STAGE_FEATURES, "cuda")  # stays on the device for the next stage
+        binding.bind_output(STAGE_PROBS, "cpu")
         session.run_with_iobinding(binding)
         features, probs = binding.get_outputs()
         return StageOutput(features, probs.numpy()[:rows])

@@ -2,44 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class ThresholdMode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float = Field(gt=0.0, le=1.0, description="exit at the first block whose max "
-                             "softmax probability reaches this value")
+from app.early_exit import EarlyExitMode
 
 
-EarlyExit = Literal["auto", "off"] | ThresholdMode
-
-
-class PredictRequest(BaseModel):
-    """Body of POST /predict (JSON). Multipart uploads take `file` fields plus the same options."""
+class PredictOptions(BaseModel):
+    """The options of POST /predict, as JSON fields or as multipart form fields."""
 
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[Any] = Field(
-        description="each a nested number array of the model's input shape (C, H, W) with pixels "
-                    "in [0, 1] (a 2-D array for 1-channel models), or {\"b64\": \"<PNG or JPEG>\"}")
-    early_exit: EarlyExit | None = Field(
-        None, description="'auto' (the manifest's calibrated thresholds), 'off' (the whole "
-                          "network), or {\"threshold\": t}; default: the server's setting")
+    early_exit: EarlyExitMode | None = Field(None, description="default: the server's setting")
     top_k: int = Field(1, ge=1, description="how many of the most probable classes to list")
     return_blocks: bool = Field(False, description="also return every block's probabilities "
                                                    "for the blocks that ran for each instance")
 
-    @field_validator("early_exit", mode="wrap")
-    @classmethod
-    def _early_exit(cls, value: Any, handler: Any) -> Any:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError('early_exit must be "auto", "off" or {"threshold": t} with t in '
-                             f"(0, 1], got {value!r}") from None
+
+class PredictRequest(PredictOptions):
+    """Body of POST /predict (JSON). Multipart uploads take `file` fields plus the same options."""
+
+    instances: list[Any] = Field(
+        description="each a nested number array of the model's input shape (C, H, W) with pixels "
+                    "in [0, 1] (a 2-D array for 1-channel models), or {\"b64\": \"<PNG or JPEG>\"}")
 
 
 class ClassProbability(BaseModel):
@@ -120,12 +106,17 @@ class V2Tensor(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class V2Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other parameters are the client's business
+
+    early_exit: EarlyExitMode | None = Field(None, description="default: the server's setting")
+
+
 class V2InferRequest(BaseModel):
     id: str | None = None
     inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[dict[str, Any]] | None = None
-    parameters: dict[str, Any] | None = Field(
-        None, description="optional {\"early_exit\": \"auto\" | \"off\" | threshold}")
+    parameters: V2Parameters | None = None
 
 
 class V2InferResponse(BaseModel):

@@ -14,7 +14,7 @@ from app.decoding import InputSpec
 from app.errors import ClientError
 from app.metrics import Metrics
 from app.runtime import ModelRuntime
-from app.settings import Settings, parse_early_exit
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ class Service:
         self.runtime = runtime
         self.metrics = metrics
         self.manifest = runtime.manifest
-        self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range)
+        self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range,
+                              self.manifest.input.resize)
         self.batcher: Batcher | None = None
         self.warmed = False
         self.draining = False
@@ -43,26 +44,11 @@ class Service:
 
     # --- early exit --------------------------------------------------------------------------
 
-    def parse_mode(self, value: Any) -> str | float:
-        """A request's early_exit (None, 'auto', 'off', {'threshold': t}, t) -> 'auto'/'off'/t."""
-        if value is None:
-            return self.settings.EARLY_EXIT
-        if isinstance(value, dict):
-            if set(value) != {"threshold"}:
-                raise ClientError(422, 'early_exit must be "auto", "off" or {"threshold": t}, '
-                                       f"got an object with keys {sorted(value)}")
-            value = value["threshold"]
-            if isinstance(value, str):
-                raise ClientError(422, "early_exit.threshold must be a number in (0, 1]")
-        if hasattr(value, "threshold"):
-            value = value.threshold
-        try:
-            return parse_early_exit(value)
-        except ValueError as e:
-            raise ClientError(422, str(e)) from None
-
-    def thresholds_for(self, mode: str | float) -> np.ndarray | None:
-        """Per-block exit thresholds (L-1,) for a mode; inf = never exit there; None = off."""
+    def thresholds_for(self, mode: str | float | None) -> np.ndarray | None:
+        """Per-block exit thresholds (L-1,) for a parsed mode (app.early_exit; None: the server's
+        default); inf = never exit there; None = early exit off."""
+        if mode is None:
+            mode = self.settings.EARLY_EXIT
         if mode == "off" or not self.runtime.has_stages or self.manifest.num_blocks == 1:
             return None
         if mode == "auto":
@@ -73,7 +59,8 @@ class Service:
 
     # --- running -----------------------------------------------------------------------------
 
-    async def infer(self, x: np.ndarray, mode: str | float, return_blocks: bool = False) -> Job:
+    async def infer(self, x: np.ndarray, mode: str | float | None,
+                    return_blocks: bool = False) -> Job:
         """Queue (N, C, H, W) rows and wait until every one has exited (or the timeout)."""
         if not self.ready or self.batcher is None:
             raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})

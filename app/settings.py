@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def parse_early_exit(value: str | float) -> str | float:
-    """'auto', 'off' or a max-softmax threshold in (0, 1]; the error names the valid forms."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("auto", "off"):
-            return text
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"early exit must be 'auto', 'off' or a threshold such as 0.9, "
-                             f"got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0.0 < value <= 1.0:
-        raise ValueError(f"an early-exit threshold must be a number in (0, 1], e.g. 0.9, got {value!r}")
-    return float(value)
+from app.early_exit import EarlyExitMode
+from contract.model_dir import MANIFEST_FILE
 
 
 class Settings(BaseSettings):
@@ -43,7 +28,7 @@ class Settings(BaseSettings):
     REQUEST_TIMEOUT_S: float = Field(30.0, gt=0.0)  # a request still unanswered after this: 504
     DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
     THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
-    EARLY_EXIT: str | float = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
+    EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
     API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -52,14 +37,9 @@ class Settings(BaseSettings):
     def _model_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"model dir {v} does not exist (export one with hff-export)")
-        if not (v / "manifest.json").is_file():
-            raise ValueError(f"{v} holds no manifest.json: not a model dir written by hff-export")
+        if not (v / MANIFEST_FILE).is_file():
+            raise ValueError(f"{v} holds no {MANIFEST_FILE}: not a model dir written by hff-export")
         return v
-
-    @field_validator("EARLY_EXIT", mode="before")
-    @classmethod
-    def _early_exit(cls, v: str | float) -> str | float:
-        return parse_early_exit(v)
 
     @field_validator("API_KEY", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from contract.model_dir import full_graph_outputs  # noqa: E402
 from model.config import preset_config  # noqa: E402
 from model.export import DEFAULT_OPSET, EXAMPLE_BATCH, FullGraph, export_graph  # noqa: E402
 from model.hff import HFFNet  # noqa: E402
@@ -48,8 +49,7 @@ def bench_preset(preset: str, batches: list[int], threads: int, rounds: int, min
     full = FullGraph(HFFNet(cfg).eval()).eval()
     path = workdir / f"{preset}.onnx"
     example = torch.rand(EXAMPLE_BATCH, *cfg.input_shape)
-    export_graph(full, example, path, [f"probs_{k}" for k in range(1, cfg.num_blocks + 1)],
-                 DEFAULT_OPSET)
+    export_graph(full, example, path, full_graph_outputs(cfg.num_blocks), DEFAULT_OPSET)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

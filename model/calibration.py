@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import beta
 
 
 @dataclass
@@ -71,35 +72,12 @@ def upper_losses(discordant: np.ndarray, losses: np.ndarray, confidence: float) 
         return x.astype(np.float64)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in [0, 1), got {confidence}")
-    # A cumulative walk repeats (n, x) pairs row after row; bound each distinct pair once.
-    pairs, back = np.unique(np.stack([n.ravel(), x.ravel()], axis=1), axis=0, return_inverse=True)
-    return _clopper_pearson_count(pairs[:, 0], pairs[:, 1], confidence)[back.ravel()].reshape(n.shape)
-
-
-def _clopper_pearson_count(n: np.ndarray, x: np.ndarray, confidence: float) -> np.ndarray:
-    """n * (one-sided upper Clopper-Pearson bound on x / n) for 1-D arrays n, x (0 where n = 0)."""
-    alpha = 1.0 - confidence
-    top = int(n.max(initial=0))
-    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, top + 1)))])  # (top+1,)
-    i = np.arange(top + 1)[None, :]  # (1, top+1): success counts
-    nn, xx = n[:, None], x[:, None]  # (P, 1)
-    log_comb = log_fact[nn] - log_fact[np.minimum(i, nn)] - log_fact[np.clip(nn - i, 0, None)]
-    terms = (i <= xx) & (i <= nn)  # (P, top+1): the CDF's terms P(X = i), i <= losses
-
-    def cdf(q: np.ndarray) -> np.ndarray:  # P(Binomial(n, q) <= losses), q (P, 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logp = log_comb + i * np.log(q) + (nn - i) * np.log1p(-q)
-        return np.exp(np.where(terms, logp, -np.inf)).sum(axis=1, keepdims=True)
-
-    lo = np.where(nn > 0, xx / np.maximum(nn, 1), 0.0)  # (P, 1): the bound is above the estimate
-    hi = np.ones_like(lo)
-    for _ in range(50):  # bisection: the CDF falls as q rises; 2**-50 is far below a row
-        mid = (lo + hi) / 2
-        above = cdf(mid) < alpha  # mid is past the bound
-        hi = np.where(above, mid, hi)
-        lo = np.where(above, lo, mid)
-    bound = np.where(xx >= nn, 1.0, hi)  # all discordant rows lost: the share may be 1
-    return (nn * bound).ravel()
+    # The Clopper-Pearson upper bound is the `confidence` quantile of Beta(x + 1, n - x); when
+    # every discordant row is a loss (x = n, including n = 0) the share may be 1.
+    open_rows = x < n
+    q_upper = np.ones(n.shape)
+    q_upper[open_rows] = beta.ppf(confidence, x[open_rows] + 1, n[open_rows] - x[open_rows])
+    return n * q_upper
 
 
 def calibrate(probs: np.ndarray, labels: np.ndarray, epsilon: float,

@@ -12,8 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from contract.pydantic_errors import describe_errors
 from model import atomic
-from model.config import ModelConfig, format_validation_error
+from model.config import ModelConfig
 from model.factory import build_model
 
 CONFIG_FILE = "config.json"
@@ -54,7 +55,7 @@ def load_config(run_dir: str | Path) -> RunConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     except ValidationError as e:
-        raise CheckpointError(f"{path} is not a valid run config: {format_validation_error(e)}") from None
+        raise CheckpointError(f"{path} is not a valid run config: {describe_errors(e, root='config')}") from None
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

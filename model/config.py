@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class BlockConfig(BaseModel):
@@ -272,11 +272,3 @@ def test_tiny() -> dict[str, Any]:
     """A few thousand parameters, for fast tests."""
     return {"blocks": [_conv(4), _conv(8, downsample="maxpool")], "pool_grid": 1}
 
-
-def format_validation_error(err: ValidationError) -> str:
-    """One readable line from a pydantic error, for CLI messages."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        parts.append(f"{where}: {e['msg']}")
-    return "; ".join(parts)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from contract.model_dir import EarlyExitSpec
 from model import atomic
 from model.calibration import ExitStats
 
 
-def plot_trade_off(curve: list[tuple[float | None, ExitStats]], early_exit: dict[str, Any],
+def plot_trade_off(curve: list[tuple[float | None, ExitStats]], early_exit: EarlyExitSpec,
                    path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -27,10 +27,10 @@ def plot_trade_off(curve: list[tuple[float | None, ExitStats]], early_exit: dict
         last = (x, y)
         ax.annotate("never" if t is None else f"{t:g}", (x, y), fontsize=7,
                     textcoords="offset points", xytext=(3, -10))
-    ax.plot([early_exit["compute_fraction"] * 100], [early_exit["expected_accuracy"] * 100], "*",
+    ax.plot([early_exit.compute_fraction * 100], [early_exit.expected_accuracy * 100], "*",
             ms=14, color="tab:red", label="calibrated thresholds")
-    ax.axhline(early_exit["full_accuracy"] * 100, color="grey", ls="--", lw=1, label="full network")
-    ax.axhline((early_exit["full_accuracy"] - early_exit["epsilon"]) * 100, color="grey", ls=":",
+    ax.axhline(early_exit.full_accuracy * 100, color="grey", ls="--", lw=1, label="full network")
+    ax.axhline((early_exit.full_accuracy - early_exit.epsilon) * 100, color="grey", ls=":",
                lw=1, label="full - epsilon")
     ax.set_xlabel("mean compute executed (% of the full network's MACs)")
     ax.set_ylabel("validation accuracy (%)")

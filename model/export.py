@@ -1,6 +1,6 @@
 """ONNX export: a checkpoint dir -> a verified model dir (model.onnx, stage_k.onnx, manifest.json).
 
-The model dir contract is in ARCHITECTURE.md. Everything is written into a temp dir beside the
+The model dir contract is contract/model_dir.py. Everything is written into a temp dir beside the
 target and renamed into place only after onnx.checker, the torch/onnxruntime parity checks and the
 early-exit calibration have passed, so a failed export never leaves a model dir behind.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +24,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contract.model_dir import (
+    FORMAT_VERSION,
+    FULL_GRAPH,
+    GRAPH_INPUT,
+    MANIFEST_FILE,
+    PLOT_FILE,
+    STAGE_OUTPUTS,
+    EarlyExitSpec,
+    InputSpec,
+    Manifest,
+    Normalization,
+    StageSpec,
+    full_graph_outputs,
+    graphs_version,
+    stage_file,
+)
 from model import atomic
 from model.calibration import ExitStats, calibrate, evaluate, sweep
 from model.checkpoint import (
@@ -38,7 +53,6 @@ from model.checkpoint import (
 log = logging.getLogger(__name__)
 
 PROG = "hff-export"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 # The dynamo exporter writes opset 18 natively; below that it tries a version converter that
 # fails on these graphs and silently falls back to 18, so lower opsets are refused up front.
@@ -48,17 +62,10 @@ DEFAULT_CONFIDENCE = 0.95  # how sure the calibration must be that an exit stays
 PARITY_BATCHES = (1, 7, 64)
 PARITY_ATOL = 1e-5  # on probabilities
 EXAMPLE_BATCH = 4  # > 1, so the exporter cannot specialise the batch axis to a constant
-MANIFEST_FILE = "manifest.json"
-FULL_GRAPH = "model.onnx"
-PLOT_FILE = "early_exit.png"
 
 
 class ExportError(Exception):
     """The export cannot be done or failed verification; the message says why in one line."""
-
-
-def stage_file(k: int) -> str:
-    return f"stage_{k}.onnx"
 
 
 def max_opset() -> int:
@@ -139,7 +146,7 @@ def block_macs(net: nn.Module, input_shape: tuple[int, ...]) -> list[int]:
 
 def export_graph(module: nn.Module, example: Tensor, path: Path, output_names: list[str],
                  opset: int) -> None:
-    """One module -> one ONNX file with input `input` and a dynamic batch axis.
+    """One module -> one ONNX file with input GRAPH_INPUT and a dynamic batch axis.
 
     The dynamo (torch.export) exporter: it is torch 2.13's default and maintained path, its
     optimiser folds BatchNorm into the convolutions and drops the Identity/Constant clutter the
@@ -153,7 +160,7 @@ def export_graph(module: nn.Module, example: Tensor, path: Path, output_names: l
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             program = torch.onnx.export(
-                module.eval(), (example,), None, input_names=["input"],
+                module.eval(), (example,), None, input_names=[GRAPH_INPUT],
                 output_names=output_names, opset_version=opset, dynamo=True,
                 dynamic_shapes=({0: batch},), optimize=True, verbose=False)
             program.save(str(path), external_data=False)
@@ -211,8 +218,9 @@ def _check_graph(path: Path, opset: int, output_names: list[str]) -> None:
     if got != opset:
         raise ExportError(f"{path.name} was written with opset {got}, not the {opset} asked for")
     inputs = [i for i in graph.graph.input]
-    if [i.name for i in inputs] != ["input"]:
-        raise ExportError(f"{path.name} has inputs {[i.name for i in inputs]}, expected ['input']")
+    if [i.name for i in inputs] != [GRAPH_INPUT]:
+        raise ExportError(f"{path.name} has inputs {[i.name for i in inputs]}, "
+                          f"expected {[GRAPH_INPUT]}")
     if not inputs[0].type.tensor_type.shape.dim[0].dim_param:
         raise ExportError(f"{path.name} has a fixed batch size; the batch axis must be dynamic")
     outputs = [o.name for o in graph.graph.output]
@@ -234,7 +242,7 @@ def make_session(path: Path, threads: int = 1):
 
 def run_session(session: Any, x: np.ndarray) -> list[np.ndarray]:
     """All outputs of one graph for input `x` (kept separate so tests can corrupt it)."""
-    return session.run(None, {"input": x})
+    return session.run(None, {GRAPH_INPUT: x})
 
 
 def verify_parity(full: nn.Module, model_dir: Path, num_blocks: int,
@@ -273,14 +281,6 @@ def verify_parity(full: nn.Module, model_dir: Path, num_blocks: int,
     return worst
 
 
-def graphs_version(model_dir: Path, num_blocks: int) -> str:
-    """First 16 hex digits of sha256 over the graph files' bytes, whole graph then stages."""
-    digest = hashlib.sha256()
-    for name in [FULL_GRAPH] + [stage_file(k) for k in range(1, num_blocks + 1)]:
-        digest.update((model_dir / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 # --- held-out data and calibration ----------------------------------------------------------
 
 def load_heldout(run_dir: Path, num_blocks: int, num_classes: int) -> dict[str, np.ndarray]:
@@ -315,14 +315,14 @@ class ExportResult:
     """What an export wrote and measured (the CLI prints it)."""
 
     model_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     trade_off: list[tuple[float | None, ExitStats]]  # shared threshold -> stats on val
     parity_max_diff: float
     test_full_accuracy: float  # the last block alone on test, next to the manifest's early exit
 
 
 def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
-                confidence: float):
+                confidence: float) -> tuple[EarlyExitSpec, list[float], list]:
     val_probs, val_labels = heldout["val_probs"], heldout["val_labels"]
     test_probs, test_labels = heldout["test_probs"], heldout["test_labels"]
     blocks = val_probs.shape[1]
@@ -330,18 +330,18 @@ def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
     val = evaluate(val_probs, val_labels, thresholds, macs)
     full = evaluate(val_probs, val_labels, [None] * (blocks - 1), macs)
     test = evaluate(test_probs, test_labels, thresholds, macs)
-    section = {
-        "epsilon": epsilon,
-        "confidence": confidence,
-        "thresholds": thresholds,
-        "expected_exit_fraction": val.exit_fraction,
-        "expected_accuracy": val.accuracy,
-        "full_accuracy": full.accuracy,
-        "mean_blocks": val.mean_blocks,
-        "compute_fraction": val.compute_fraction,
-        "test_accuracy": test.accuracy,
-        "test_compute_fraction": test.compute_fraction,
-    }
+    section = EarlyExitSpec(
+        epsilon=epsilon,
+        confidence=confidence,
+        thresholds=thresholds,
+        expected_exit_fraction=val.exit_fraction,
+        expected_accuracy=val.accuracy,
+        full_accuracy=full.accuracy,
+        mean_blocks=val.mean_blocks,
+        compute_fraction=val.compute_fraction,
+        test_accuracy=test.accuracy,
+        test_compute_fraction=test.compute_fraction,
+    )
     per_block = [float(v) for v in (test_probs.argmax(2) == test_labels[:, None]).mean(0)]
     return section, per_block, sweep(val_probs, val_labels, macs)
 
@@ -376,7 +376,7 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.model_dir = out
-    log.info("exported %s to %s (version %s)", run_dir, out, result.manifest["version"])
+    log.info("exported %s to %s (version %s)", run_dir, out, result.manifest.version)
     return result
 
 
@@ -388,47 +388,45 @@ def _export_into(tmp: Path, config: RunConfig, net: nn.Module, name: str, opset:
     full = FullGraph(net).eval()
     example = torch.rand(EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
     log.info("exporting %s", FULL_GRAPH)
-    export_graph(full, example, tmp / FULL_GRAPH,
-                 [f"probs_{k}" for k in range(1, cfg.num_blocks + 1)], opset)
+    export_graph(full, example, tmp / FULL_GRAPH, full_graph_outputs(cfg.num_blocks), opset)
     stages, h = [], example
     shape = input_shape
     macs = block_macs(net, input_shape)
     for k in range(1, cfg.num_blocks + 1):
         stage = StageGraph(net, k - 1).eval()
         log.info("exporting %s", stage_file(k))
-        export_graph(stage, h, tmp / stage_file(k), ["features", "probs"], opset)
+        export_graph(stage, h, tmp / stage_file(k), STAGE_OUTPUTS, opset)
         with torch.no_grad():
             h, _ = stage(h)
         feature_shape = tuple(h.shape[1:])
-        stages.append({"block": k, "file": stage_file(k), "input_shape": list(shape),
-                       "feature_shape": list(feature_shape), "macs": macs[k - 1]})
+        stages.append(StageSpec(block=k, file=stage_file(k), input_shape=list(shape),
+                                feature_shape=list(feature_shape), macs=macs[k - 1]))
         shape = feature_shape
     worst = verify_parity(full, tmp, cfg.num_blocks, input_shape, atol=atol)
     early_exit, per_block, trade_off = _early_exit(heldout, macs, epsilon, confidence)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "version": graphs_version(tmp, cfg.num_blocks),
-        "preset": cfg.name,
-        "dataset": config.dataset,
-        "family": cfg.family,
-        "input": {"name": "input", "shape": list(input_shape), "dtype": "float32",
-                  "range": [0.0, 1.0]},
-        "normalization": {"mean": cfg.input_mean, "std": cfg.input_std, "in_graph": True},
-        "class_names": cfg.class_names,
-        "num_classes": cfg.num_classes,
-        "num_blocks": cfg.num_blocks,
-        "opset": opset,
-        "full_graph": FULL_GRAPH,
-        "stages": stages,
-        "early_exit": early_exit,
-        "test_accuracy_per_block": per_block,
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=graphs_version(tmp, [FULL_GRAPH] + [s.file for s in stages]),
+        preset=cfg.name,
+        dataset=config.dataset,
+        family=cfg.family,
+        input=InputSpec(shape=list(input_shape)),  # float32 pixels in [0, 1], resized bilinearly
+        normalization=Normalization(mean=cfg.input_mean, std=cfg.input_std, in_graph=True),
+        class_names=cfg.class_names,
+        num_classes=cfg.num_classes,
+        num_blocks=cfg.num_blocks,
+        opset=opset,
+        full_graph=FULL_GRAPH,
+        stages=stages,
+        early_exit=early_exit,
+        test_accuracy_per_block=per_block,
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     from model.exit_plot import plot_trade_off
 
     plot_trade_off(trade_off, early_exit, tmp / PLOT_FILE, title=f"{cfg.name} on {config.dataset}")
-    atomic.write_json(tmp / MANIFEST_FILE, manifest)
+    atomic.write_text(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2) + "\n")
     return ExportResult(tmp, manifest, trade_off, worst, per_block[-1])
 
 
@@ -500,23 +498,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_report(result: ExportResult) -> None:
-    m, ee = result.manifest, result.manifest["early_exit"]
-    print(f"\n{m['name']} {m['version']}: {m['preset']} on {m['dataset']}, {m['num_blocks']} blocks, "
-          f"opset {m['opset']}, parity max |diff| {result.parity_max_diff:.2g}")
+    m = result.manifest
+    ee = m.early_exit
+    assert ee is not None  # the exporter always calibrates
+    print(f"\n{m.name} {m.version}: {m.preset} on {m.dataset}, {m.num_blocks} blocks, "
+          f"opset {m.opset}, parity max |diff| {result.parity_max_diff:.2g}")
     print("\nearly-exit trade-off on the validation split (one threshold for every block < L):")
     print(f"{'threshold':>10}  {'accuracy':>8}  {'mean blocks':>11}  {'compute':>7}")
     for t, s in result.trade_off:
         label = "never" if t is None else f"{t:g}"
         print(f"{label:>10}  {s.accuracy * 100:>7.2f}%  {s.mean_blocks:>11.2f}  "
               f"{s.compute_fraction * 100:>6.1f}%")
-    ts = ", ".join("never" if t is None else f"{t:.4g}" for t in ee["thresholds"])
-    print(f"\ncalibrated (epsilon {ee['epsilon'] * 100:g} points at {ee['confidence'] * 100:g}% "
+    ts = ", ".join("never" if t is None else f"{t:.4g}" for t in ee.thresholds)
+    print(f"\ncalibrated (epsilon {ee.epsilon * 100:g} points at {ee.confidence * 100:g}% "
           f"confidence): thresholds [{ts}]")
     print(f"{'split':>6}  {'full acc':>8}  {'early-exit acc':>14}  {'compute':>7}")
-    print(f"{'val':>6}  {ee['full_accuracy'] * 100:>7.2f}%  {ee['expected_accuracy'] * 100:>13.2f}%  "
-          f"{ee['compute_fraction'] * 100:>6.1f}%")
-    print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee['test_accuracy'] * 100:>13.2f}%  "
-          f"{ee['test_compute_fraction'] * 100:>6.1f}%")
+    print(f"{'val':>6}  {ee.full_accuracy * 100:>7.2f}%  {ee.expected_accuracy * 100:>13.2f}%  "
+          f"{ee.compute_fraction * 100:>6.1f}%")
+    print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee.test_accuracy * 100:>13.2f}%  "
+          f"{ee.test_compute_fraction * 100:>6.1f}%")
     print(f"model dir: {result.model_dir}")
 
 

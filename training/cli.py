@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from contract.pydantic_errors import describe_errors
 from model.checkpoint import (
     CONFIG_FILE,
     HELDOUT_FILE,
@@ -19,7 +20,7 @@ from model.checkpoint import (
     CheckpointError,
     load_config,
 )
-from model.config import format_validation_error, list_presets, preset_config
+from model.config import list_presets, preset_config
 from training import distributed
 from training.data import DataError, list_datasets, load_dataset
 from training.ff_objectives import add_ff_arguments, ff_settings
@@ -132,7 +133,7 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
     except KeyError as e:
         raise CliError(e.args[0]) from None
     except ValidationError as e:
-        raise CliError(f"invalid option: {format_validation_error(e)}") from None
+        raise CliError(f"invalid option: {describe_errors(e, root='config')}") from None
     if (out / CONFIG_FILE).exists():
         if not args.overwrite:
             raise CliError(f"{out} already holds a run: pass --resume to continue it or "

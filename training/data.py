@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from contract.model_dir import RESIZE
+
 SPLIT_SEED = 20260501  # fixed: the split never moves with --seed
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
@@ -141,9 +143,10 @@ def digits(data_dir: Path | None = None, image_size=None) -> DataSplits:
 
 @register_dataset("digits32")
 def digits32(data_dir: Path | None = None, image_size=None) -> DataSplits:
-    """The bundled digits upscaled (bilinear) to 3x32x32, to run the cifar-sized presets on them."""
+    """The bundled digits upscaled to 3x32x32, to run the cifar-sized presets on them."""
     images, labels = _digits_arrays()
-    images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    # the resampling the manifest records, so a served 8x8 upload is upscaled the same way
+    images = F.interpolate(images, size=(32, 32), mode=RESIZE, align_corners=False)
     images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32)
     shift = lambda x, g: random_shift(x, g, max_shift=3)  # noqa: E731
     return _split_in_memory("digits32", images, labels, default_preset="cifar-cnn", augment=shift)

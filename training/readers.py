@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from contract.model_dir import RESIZE
 from training.data import DataError
 
 MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
@@ -272,14 +273,15 @@ def scan_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
 
 
 def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image file -> uint8 (C, H, W), converted to RGB or L and resized (bilinear) to `size`."""
+    """One image file -> uint8 (C, H, W), converted to RGB or L and resized to `size` the way the
+    service resizes uploads (contract.model_dir.RESIZE, recorded in the manifest)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                im = im.resize((size[1], size[0]), Image.Resampling[RESIZE.upper()])
             arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path} is not a readable image ({e})") from None

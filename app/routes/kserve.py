@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from app import __version__
 from app.decoding import decode_binary_tensor, decode_tensor, media_type, parse_json_body
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, error_response
@@ -36,7 +37,7 @@ def _check_name(service, name: str) -> None:
 @router.get("")
 async def server_metadata(service: ServiceDep) -> dict[str, Any]:
     """Server metadata."""
-    return {"name": "hff-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "hff-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS)
@@ -87,8 +88,7 @@ async def infer(name: str, request: Request, service: ServiceDep) -> JSONRespons
     if tensor.datatype.upper() != "FP32":
         raise ClientError(422, f"inputs[0].datatype is {tensor.datatype!r}, expected 'FP32'")
     x = _input_array(tensor, binary, service)
-    mode = service.parse_mode((req.parameters or {}).get("early_exit"))
-    job = await service.infer(x, mode)
+    job = await service.infer(x, req.parameters.early_exit if req.parameters else None)
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     # A built response skips re-validating what this code just made against response_model

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from app.decoding import (
@@ -18,7 +19,14 @@ from app.decoding import (
 )
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError
-from app.schemas import ErrorResponse, PredictRequest, PredictResponse, inline_refs
+from app.schemas import (
+    ErrorResponse,
+    PredictOptions,
+    PredictRequest,
+    PredictResponse,
+    inline_refs,
+)
+from contract.pydantic_errors import describe_errors
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
 
@@ -33,7 +41,7 @@ _BODY = {
             "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                          "description": "PNG or JPEG images (any field name); one prediction each"},
-                "early_exit": {"type": "string", "description": "auto, off or a threshold"},
+                "early_exit": {"type": "string", "description": "auto, off or a threshold such as 0.9"},
                 "top_k": {"type": "integer"},
                 "return_blocks": {"type": "boolean"},
             },
@@ -42,7 +50,7 @@ _BODY = {
 }
 
 
-async def _parse_multipart(request: Request, service) -> tuple[Any, dict[str, Any]]:
+async def _parse_multipart(request: Request, service) -> tuple[Any, PredictOptions]:
     max_files = service.settings.MAX_INSTANCES
     form = await request.form(max_files=max_files + 1, max_fields=16,
                               max_part_size=service.settings.MAX_BODY_BYTES)
@@ -52,15 +60,15 @@ async def _parse_multipart(request: Request, service) -> tuple[Any, dict[str, An
     for i, (name, upload) in enumerate(files):
         data = await upload.read()
         rows.append(decode_image(data, f"file {i} ({name}={upload.filename!r})", service.spec))
-    options: dict[str, Any] = {}
-    for key in ("early_exit", "top_k", "return_blocks"):
-        if key in form and not isinstance(form[key], UploadFile):
-            options[key] = form[key]
-    unknown = {k for k, v in form.multi_items() if not isinstance(v, UploadFile)} - set(options)
+    fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+    unknown = set(fields) - set(PredictOptions.model_fields)
     if unknown:
         raise ClientError(422, f"unknown form fields {sorted(unknown)}; the options are "
-                               "early_exit, top_k and return_blocks")
-    return rows, options
+                               f"{', '.join(PredictOptions.model_fields)}")
+    try:
+        return rows, PredictOptions.model_validate(fields)
+    except ValidationError as e:
+        raise ClientError(422, describe_errors(e, root="form")) from None
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
@@ -71,28 +79,13 @@ async def predict(request: Request, service: ServiceDep) -> JSONResponse:
     if ctype == "application/json" or ctype.endswith("+json"):
         req = parse_json_body(PredictRequest, await request.body(), '{"instances": [...]}')
         x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
-        mode = service.parse_mode(req.early_exit.model_dump() if hasattr(req.early_exit, "model_dump")
-                                  else req.early_exit)
-        top_k, return_blocks = req.top_k, req.return_blocks
+        options: PredictOptions = req
     elif ctype == "multipart/form-data":
         rows, options = await _parse_multipart(request, service)
         x = np.stack(rows)  # N x (C, H, W) -> (N, C, H, W)
-        mode = service.parse_mode(options.get("early_exit"))
-        top_k = _form_int(options.get("top_k", "1"), "top_k")
-        return_blocks = str(options.get("return_blocks", "false")).lower() in ("1", "true", "yes")
     else:
         raise ClientError(415, f"content type {ctype or '(none)'!r} is not accepted: send "
                                "application/json or multipart/form-data")
-    job = await service.infer(x, mode, return_blocks)
+    job = await service.infer(x, options.early_exit, options.return_blocks)
     return JSONResponse({"model": service.model_ref(),
-                         "predictions": service.predictions(job, top_k)})
-
-
-def _form_int(value: Any, name: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ClientError(422, f"{name} must be a whole number, got {value!r}") from None
-    if number < 1:
-        raise ClientError(422, f"{name} must be at least 1, got {number}")
-    return number
+                         "predictions": service.predictions(job, options.top_k)})

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.main import main
-from app.manifest import ModelDirError, load_manifest
+from contract.model_dir import ModelDirError, load_manifest
 
 
 def error_line(capsys) -> str:

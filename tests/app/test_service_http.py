@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import io
 import json
 import re
@@ -177,7 +178,10 @@ def binary_infer_body(x: np.ndarray, **tensor_overrides) -> tuple[bytes, dict[st
 def test_kserve_v2_binary_tensor_data(client, ref, digits_test_split):
     x = digits_test_split[0][:5]
     name = ref.manifest["name"]
-    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    server = client.get("/v2").json()
+    assert "binary_tensor_data" in server["extensions"]
+    assert server["version"] == importlib.metadata.version("hff-serve")  # pyproject's, read once
+    assert client.get("/openapi.json").json()["info"]["version"] == server["version"]
     body, headers = binary_infer_body(x)
     r = client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text

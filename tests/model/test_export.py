@@ -192,7 +192,7 @@ def test_manifest_is_complete(tiny_run, tiny_export):
     assert m["name"] == "tiny" and m["preset"] == "test-tiny" and m["dataset"] == "digits"
     assert m["format_version"] == 1 and m["family"] == "hff" and m["opset"] == 18
     assert m["input"] == {"name": "input", "shape": [1, 8, 8], "dtype": "float32",
-                          "range": [0.0, 1.0]}
+                          "range": [0.0, 1.0], "resize": "bilinear"}
     assert m["normalization"] == {"mean": config.model.input_mean, "std": config.model.input_std,
                                   "in_graph": True}
     assert m["class_names"] == [str(i) for i in range(10)] and m["num_classes"] == 10
@@ -338,8 +338,8 @@ def test_export_replaces_an_earlier_model_dir(tiny_run, tiny_export, tmp_path):
     assert not (out / "stale.onnx").exists()
     assert leftovers(tmp_path) == []
     # the same checkpoint gives the same graphs, so the same version
-    assert result.manifest["version"] == load_manifest(tiny_export[0])["version"]
-    assert load_manifest(out) == result.manifest
+    assert result.manifest.version == load_manifest(tiny_export[0])["version"]
+    assert load_manifest(out) == result.manifest.model_dump(mode="json")
 
 
 # --- a properly trained digits model: the calibration target ------------------------------
