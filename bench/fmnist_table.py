@@ -98,9 +98,10 @@ def early_exit_report(run_dir: Path, model_dir: Path) -> list[str]:
     from safetensors.numpy import load_file
 
     from model.calibration import evaluate
+    from model.checkpoint import HELDOUT_FILE
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    heldout = load_file(str(run_dir / "heldout.safetensors"))
+    heldout = load_file(str(run_dir / HELDOUT_FILE))
     probs, labels = heldout["test_probs"], heldout["test_labels"]
     macs = [stage["macs"] for stage in manifest["stages"]]
     blocks = len(macs)
