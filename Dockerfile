@@ -64,7 +64,7 @@ ARG PIP_CERT
 COPY --from=requirements /src/serve.txt requirements.txt
 RUN --mount=type=bind,from=wheels,target=/run/wheels \
     pip install --no-cache-dir --find-links /run/wheels -c constraints.txt -r requirements.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY contract contract
 COPY app app
 RUN pip install --no-cache-dir --no-deps . \
@@ -83,7 +83,7 @@ RUN --mount=type=bind,from=wheels,target=/run/wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -c constraints.txt -r requirements.txt
 COPY docker/train-default.sh /usr/local/bin/hff-train-default
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY contract contract
 COPY model model
 COPY training training

@@ -1,4 +1,4 @@
-"""Dynamic batcher with per-sample early exit (ARCHITECTURE.md, "Early exit in a batch").
+"""Dynamic batcher with per-sample early exit (docs/architecture.md, "The batcher and early exit").
 
 Requests are queued as row ranges. The collector takes what is queued (up to max_batch_size);
 it waits for more only while the service is under load (the batch is not a lone row and the last
@@ -113,10 +113,6 @@ class Batcher:
         self._executor.shutdown(wait=True)
         log.info("batcher stopped: %d requests accepted, %d answered", self.accepted_requests,
                  self.answered_requests)
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     def close(self) -> None:
         """Stop accepting work now (SIGTERM); stop() still drains what was accepted."""

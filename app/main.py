@@ -20,10 +20,12 @@ from app.batcher import Batcher
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.openapi import install_openapi
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
 from app.settings import Settings
+from contract.cli import OneLineParser
 from contract.model_dir import ModelDirError
 from contract.pydantic_errors import describe_errors
 
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
+    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
@@ -98,11 +101,6 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and captured:
             # uvicorn re-raises captured signals after shutdown; a drained SIGTERM exits 0 instead
             captured.remove(sig)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,7 +178,3 @@ class ModelRuntime:
         log.info("warm-up done in %.2fs (batch sizes %s)", seconds,
                  batch_buckets(self.max_batch_size))
         return seconds
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": self.device, "execution_providers": self.providers,
-                "threads": self.threads}

@@ -103,6 +103,10 @@ def main() -> int:
 
     print(f"\ndigits, seeds {args.seeds}; {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, torch {torch.__version__}")
+    threads = "1 thread each" if args.jobs > 1 else f"{torch.get_num_threads()} threads"
+    print(f"every method: hff-train's defaults for its objective (same batch size, AdamW schedule, "
+          f"augmentation; {args.epochs} epochs HFF and backprop, {args.ff_epochs} FF), {args.jobs} "
+          f"run(s) at a time, {threads}; train s = the trainer's own training time")
     print("| method | test accuracy (%) | deepest-block separation | deepest block: share R < 0.01 "
           "| deepest block: median R | train s |")
     print("|---|---|---|---|---|---|")

@@ -4,7 +4,7 @@
     python bench/model_stats.py cifar-cnn --classes 100
 
 MACs count the convolutions, linear layers and prototype heads (z . p for every prototype) of one
-image's forward pass, with the exporter's counter (`model.export.block_macs`, forward hooks on the
+image's forward pass, with the exporter's counter (`model.onnx_graphs.block_macs`, forward hooks on the
 built network; normalisation, pooling and activations are left out).
 """
 
@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import list_presets, preset_config  # noqa: E402
-from model.export import block_macs  # noqa: E402  (the exporter's counter, reused)
 from model.factory import build_model  # noqa: E402
+from model.onnx_graphs import block_macs  # noqa: E402  (the exporter's counter, reused)
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
-"""Images/s of torch eager against onnxruntime for the whole HFF graph, side by side in one run.
+"""Images/s of torch against onnxruntime for the whole HFF graph, side by side in one run.
 
     python bench/onnx_vs_torch.py [--threads 1] [--presets digits-cnn cifar-cnn] [--batches 1 8 64]
 
-Weights are random (speed does not depend on them). Both runtimes get the same thread count and
-run in alternating rounds, so background load on a shared machine hits both alike; each cell is
-the median of the rounds. Not collected by pytest; holds no pass/fail threshold.
+torch runs in each of its inference forms, all under inference_mode: eager as built; eager with
+every BatchNorm folded into its convolution (torch.fx fuse, what the ONNX exporter's graph gets);
+the same in channels-last memory; and TorchScript traced, frozen and optimize_for_inference'd. The
+fastest form of each cell is torch's figure; the table keeps eager beside it. Weights are random
+(speed does not depend on them). Both runtimes get the same thread count and every form runs in
+alternating rounds, so background load on a shared machine hits all alike; each cell is the median
+of the rounds. Not collected by pytest; holds no pass/fail threshold.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
@@ -24,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+import torch.fx.experimental.optimization as fx_optimization  # noqa: E402
 
 from contract.model_dir import full_graph_outputs  # noqa: E402
 from model.config import preset_config  # noqa: E402
-from model.export import DEFAULT_OPSET, EXAMPLE_BATCH, FullGraph, export_graph  # noqa: E402
 from model.hff import HFFNet  # noqa: E402
+from model.onnx_graphs import EXAMPLE_BATCH, FullGraph, export_graph  # noqa: E402
+from model.onnx_verify import DEFAULT_OPSET  # noqa: E402
 
 
 def time_calls(fn, min_time: float) -> float:
@@ -42,8 +50,32 @@ def time_calls(fn, min_time: float) -> float:
             return elapsed / calls
 
 
+def torch_forms(full: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """torch's inference forms of `full` on input `x`, each a call to time."""
+    folded = fx_optimization.fuse(full)  # Conv2d + BatchNorm2d -> one Conv2d (eval mode)
+    folded_cl = fx_optimization.fuse(full).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(full, x)))
+
+    def under_inference_mode(module, inp):
+        def run():
+            with torch.inference_mode():
+                return module(inp)
+        return run
+
+    def scripted():
+        with torch.no_grad():  # TorchScript's frozen graph; inference_mode is eager's
+            return script(x)
+    return {"eager": under_inference_mode(full, x), "BN folded": under_inference_mode(folded, x),
+            "BN folded, channels-last": under_inference_mode(folded_cl, x_cl),
+            "TorchScript frozen": scripted}
+
+
 def bench_preset(preset: str, batches: list[int], threads: int, rounds: int, min_time: float,
-                 workdir: Path) -> list[tuple[str, int, float, float]]:
+                 workdir: Path) -> list[tuple[str, int, dict[str, float], float]]:
+    """Per batch: (preset, batch, torch images/s per form, onnxruntime images/s)."""
     torch.manual_seed(0)
     cfg = preset_config(preset)
     full = FullGraph(HFFNet(cfg).eval()).eval()
@@ -58,22 +90,19 @@ def bench_preset(preset: str, batches: list[int], threads: int, rounds: int, min
     for batch in batches:
         x = torch.rand(batch, *cfg.input_shape)
         x_np = x.numpy()
-
-        def run_torch(x=x):
-            with torch.inference_mode():
-                full(x)
-
-        def run_ort(x_np=x_np):
-            session.run(None, {"input": x_np})
-
-        for fn in (run_torch, run_ort):  # warm-up: allocations, kernels, caches
+        fns = torch_forms(full, x)
+        fns["onnxruntime"] = lambda x_np=x_np: session.run(None, {"input": x_np})
+        for fn in fns.values():  # warm-up: allocations, kernels, caches, TorchScript's profiling runs
+            for _ in range(3):
+                fn()
             time_calls(fn, min_time / 2)
-        torch_s, ort_s = [], []
+        seconds: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
-            torch_s.append(time_calls(run_torch, min_time))
-            ort_s.append(time_calls(run_ort, min_time))
-        rows.append((preset, batch, batch / statistics.median(torch_s),
-                     batch / statistics.median(ort_s)))
+            for name, fn in fns.items():
+                seconds[name].append(time_calls(fn, min_time))
+        rates = {name: batch / statistics.median(s) for name, s in seconds.items()}
+        ort_rate = rates.pop("onnxruntime")
+        rows.append((preset, batch, rates, ort_rate))
     return rows
 
 
@@ -98,9 +127,21 @@ def main() -> int:
         for preset in args.presets:
             rows += bench_preset(preset, args.batches, args.threads, args.rounds, args.min_time,
                                  Path(tmp))
-    print(f"\n{'preset':<12} {'batch':>5} {'torch img/s':>12} {'ort img/s':>12} {'ort/torch':>9}")
-    for preset, batch, t, o in rows:
-        print(f"{preset:<12} {batch:>5} {t:>12.0f} {o:>12.0f} {o / t:>8.2f}x")
+    forms = list(rows[0][2])
+    print("\ntorch forms, images/s (the fastest of each row is torch's figure below):\n")
+    print("| preset | batch | " + " | ".join(forms) + " |")
+    print("|---|---:|" + "---:|" * len(forms))
+    for preset, batch, rates, _ in rows:
+        best = max(rates, key=rates.get)
+        cells = [f"**{rates[f]:.0f}**" if f == best else f"{rates[f]:.0f}" for f in forms]
+        print(f"| {preset} | {batch} | " + " | ".join(cells) + " |")
+    print("\nonnxruntime against torch's fastest form (and against eager):\n")
+    print("| preset | batch | torch form | torch img/s | ort img/s | ort / torch | ort / torch eager |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for preset, batch, rates, ort_rate in rows:
+        best = max(rates, key=rates.get)
+        print(f"| {preset} | {batch} | {best} | {rates[best]:.0f} | {ort_rate:.0f} "
+              f"| **{ort_rate / rates[best]:.2f}x** | {ort_rate / rates['eager']:.2f}x |")
     return 0
 
 

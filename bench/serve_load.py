@@ -41,6 +41,8 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's model/ and training/, not an installed copy
 
+from contract.model_dir import MANIFEST_FILE, load_manifest  # noqa: E402
+
 
 def make_random_cifar(out: Path) -> None:
     """Export cifar-cnn with random weights (a checkpoint dir written here, then hff-export)."""
@@ -290,12 +292,12 @@ def main() -> int:
                    nargs="+",
                    default=["cifar-random", "digits", "cifar-trained"])
     args = p.parse_args()
-    if "cifar-random" in args.only and not (args.cifar_random / "manifest.json").is_file():
+    if "cifar-random" in args.only and not (args.cifar_random / MANIFEST_FILE).is_file():
         print(f"exporting random cifar-cnn to {args.cifar_random} ...", file=sys.stderr)
         make_random_cifar(args.cifar_random)
     for name in args.only:
         d = getattr(args, name.replace("-", "_"))
-        if not (d / "manifest.json").is_file():
+        if not (d / MANIFEST_FILE).is_file():
             raise SystemExit(f"{d} is not a model dir (make bench-serve prepares it)")
 
     print(f"# machine: {platform.processor() or platform.machine()}, "
@@ -324,6 +326,8 @@ def main() -> int:
 
     print(f"# medians of {args.repeats} interleaved repeats of {args.seconds:g} s each "
           "(min-max throughput in brackets)")
+    print("# baselines: batching off = the same server, runtime and onnxruntime threads at max "
+          "batch 1; early exit off = the same batching server running every block")
     print("| model | server | early exit | concurrency | instances/s | p50 ms | p99 ms | "
           "accuracy (test) | mean exit block |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -331,16 +335,16 @@ def main() -> int:
     mb = args.max_batch_size
     for name in args.only:
         model_dir = getattr(args, name.replace("-", "_"))
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        shape = manifest["input"]["shape"]
+        manifest = load_manifest(model_dir)
+        shape = manifest.input.shape
         if name == "cifar-random":
             x, y = rng.random((256, *shape), dtype=np.float32), None
         else:
-            x, y = test_images(manifest.get("dataset") or ("digits" if name == "digits" else "digits32"))
-        label = f"{name} ({manifest.get('preset')})"
+            x, y = test_images(manifest.dataset or ("digits" if name == "digits" else "digits32"))
+        label = f"{name} ({manifest.preset})"
         modes = ["off"] if name == "cifar-random" else ["off", "auto", str(args.threshold)]
         encodings = args.encoding if name != "digits" else ["json"]  # 64 numbers: JSON is fine
-        payloads = {(m, e): bodies(x, m, e, manifest["name"]) for m in modes for e in encodings}
+        payloads = {(m, e): bodies(x, m, e, manifest.name) for m in modes for e in encodings}
         # every server of a model is up at once and idle when not loaded, so the configurations
         # can be interleaved: the machine's load drifts, the ratios between neighbours do not
         servers = {"batching": Server(model_dir, max_batch_size=mb)}

@@ -55,8 +55,10 @@ def worker(args: argparse.Namespace) -> dict:
     config = make_run_config(model_cfg, "synthetic", None, 0,
                              TrainConfig(objective=args.objective, batch_size=args.batch_size))
     model = build_model(model_cfg).to(device)
-    if device.type == "cuda":
+    channels_last = device.type == "cuda" or args.channels_last  # the trainer's: on CUDA only
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     objective = make_objective(config)
     optimizer = torch.optim.AdamW(param_groups(model, 5e-4), lr=1e-3)
@@ -64,6 +66,8 @@ def worker(args: argparse.Namespace) -> dict:
     n_batches = 4  # a few distinct batches, reused: the data pipeline is not what is measured
     xs = [to_device(torch.rand(args.batch_size, *model_cfg.input_shape, generator=gen), device)
           for _ in range(n_batches)]
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     ys = [torch.randint(0, model_cfg.num_classes, (args.batch_size,), generator=gen).to(device)
           for _ in range(n_batches)]
     model.train()
@@ -100,20 +104,42 @@ def worker(args: argparse.Namespace) -> dict:
         "train_mib": (peak - base) / 2**20,
         "images_per_s": args.steps * args.batch_size / elapsed,
         "threads": torch.get_num_threads(),
+        "channels_last": channels_last,
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def run_in_subprocess(args: argparse.Namespace, objective: str) -> dict:
+def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | None = None,
+                      channels_last: bool | None = None) -> dict:
+    threads = args.threads if threads is None else threads
+    channels_last = args.channels_last if channels_last is None else channels_last
     cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
+           str(args.warmup), "--device", args.device, "--threads", str(threads)]
+    if channels_last:
+        cmd.append("--channels-last")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Both objectives at 1 and all threads, contiguous and channels-last: one process each."""
+    settings = [(t, cl) for t in sorted({1, os.cpu_count() or 1}) for cl in (False, True)]
+    print(f"# setting sweep: {args.preset}, batch {args.batch_size}, {args.steps} timed steps, "
+          "one process per cell")
+    print("| threads | layout | HFF images/s | backprop images/s | HFF training MiB | "
+          "backprop training MiB |")
+    print("|---|---|---|---|---|---|")
+    for threads, channels_last in settings:
+        hff, bp = (run_in_subprocess(args, o, threads, channels_last) for o in ("hff", "backprop"))
+        print(f"| {threads} | {'channels-last' if channels_last else 'contiguous'} "
+              f"| {hff['images_per_s']:.1f} | {bp['images_per_s']:.1f} | {hff['train_mib']:.0f} "
+              f"| {bp['train_mib']:.0f} |", flush=True)
+    print()
 
 
 def main() -> None:
@@ -125,6 +151,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per objective")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last network and batches on the CPU too (CUDA always uses it)")
+    p.add_argument("--sweep", action="store_true",
+                   help="first, one process per objective at 1 and all threads, contiguous and "
+                        "channels-last, to show each objective's fastest setting")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--objective", default="hff", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,6 +163,8 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    if args.sweep:
+        sweep(args)
     results: dict[str, list[dict]] = {"hff": [], "backprop": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         for objective in results:
@@ -143,7 +176,8 @@ def main() -> None:
     print(f"# machine: {platform.node()} {platform.machine()} {first['device_name'] or ''} "
           f"{os.cpu_count()} cpus, torch {first['torch']} ({first['threads']} threads), "
           f"python {platform.python_version()}, {first['params']:,} parameters")
-    print(f"# memory: {kind}; training = peak - before the first step (median over processes)")
+    print(f"# memory: {kind}; training = peak - before the first step (median over processes); "
+          f"layout {'channels-last' if first['channels_last'] else 'contiguous'}")
     header = f"{'objective':<10} {'peak MiB':>9} {'before MiB':>10} {'training MiB':>12} {'images/s':>9}"
     print(header)
     print("-" * len(header))

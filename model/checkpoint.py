@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
@@ -100,11 +101,28 @@ def load_checkpoint(run_dir: str | Path) -> tuple[RunConfig, nn.Module]:
     return config, model.eval()
 
 
-def load_metrics(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / METRICS_FILE
+def load_heldout(run_dir: str | Path, num_blocks: int, num_classes: int) -> dict[str, np.ndarray]:
+    """The trainer's per-block probabilities on val and test: probs (N, L, C), labels (N,)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(run_dir) / HELDOUT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run has not finished (hff-train writes it "
+                              "after the last epoch)")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the run has not finished") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        data = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    for split in ("val", "test"):
+        probs, labels = data.get(f"{split}_probs"), data.get(f"{split}_labels")
+        if probs is None or labels is None:
+            raise CheckpointError(f"{path} lacks {split}_probs or {split}_labels")
+        if probs.ndim != 3 or probs.shape[1:] != (num_blocks, num_classes) or len(probs) == 0:
+            raise CheckpointError(f"{path}: {split}_probs has shape {probs.shape}, config.json "
+                                  f"implies (N, {num_blocks}, {num_classes})")
+        if labels.shape != (len(probs),) or labels.min() < 0 or labels.max() >= num_classes:
+            raise CheckpointError(f"{path}: {split}_labels do not match {split}_probs")
+        if not np.isfinite(probs).all():
+            raise CheckpointError(f"{path}: {split}_probs holds NaN or infinite values")
+    return data

@@ -37,13 +37,18 @@ class FFConfig(BaseModel):
     # (normalised) input are replaced by a one-hot times `label_scale` (Hinton's MNIST form).
     # "concat": the one-hot is appended: as C extra features for a linear first block, as C
     # constant one-hot planes (extra input channels) for a conv first block.
-    label_embedding: Literal["overlay", "concat"] = "concat"
+    label_embedding: Literal["overlay", "concat"] = Field(
+        "concat", description="label in the input: one-hot overlay on the first C values, "
+                              "or appended")
     label_scale: float = Field(1.0, gt=0.0)  # value of the hot entry of the one-hot
-    goodness: Literal["sum", "mean"] = "mean"  # of squared activations over a block's output
-    threshold: float = Field(2.0, ge=0.0)  # theta of Hinton's loss softplus(-(G_pos-theta)) ...
-    # 1-based blocks whose goodness is summed at inference (None: every block). Hinton skips
-    # block 1 when there are several.
-    score_blocks: list[int] | None = None
+    goodness: Literal["sum", "mean"] = Field(
+        "mean", description="goodness = sum or mean of squared activations over a block's output")
+    threshold: float = Field(2.0, ge=0.0, description="theta of Hinton's loss "
+                                                      "softplus(-(G_pos - theta)) ... (loss ff)")
+    # Hinton skips block 1 when there are several.
+    score_blocks: list[int] | None = Field(
+        None, description="1-based blocks whose goodness is summed at inference, e.g. 2,3 "
+                          "(default: every block)")
 
 
 class ModelConfig(BaseModel):
@@ -58,12 +63,14 @@ class ModelConfig(BaseModel):
     input_mean: list[float] = Field(default_factory=lambda: [0.0])  # per channel, pixels in [0, 1]
     input_std: list[float] = Field(default_factory=lambda: [1.0])
     blocks: list[BlockConfig] = Field(min_length=1)
-    # Prototype head (one per block), see ARCHITECTURE.md.
-    prototypes_per_class: int = Field(1, ge=1)  # P; class score is a soft max over its P prototypes
+    # Prototype head (one per block), see docs/architecture.md.
+    prototypes_per_class: int = Field(1, ge=1, description="P: a class scores the soft max over "
+                                      "its P prototypes")
     prototype_temperature: float = Field(0.1, gt=0.0)  # tau of the logsumexp over prototypes
     init_scale: float = Field(10.0, gt=0.0)  # initial logit scale (learned in log space)
     learn_scale: bool = True
-    margin: float = Field(0.0, ge=0.0, lt=1.0)  # additive cosine margin on the true class (train)
+    margin: float = Field(0.0, ge=0.0, lt=1.0,
+                          description="additive cosine margin on the true class in training")
     feature_pool: Literal["avg", "max"] = "avg"  # how a feature map becomes a vector
     pool_grid: int = Field(1, ge=1)  # adaptive pool to grid x grid before flattening (1 = global)
     ff: FFConfig | None = None  # Forward-Forward settings; family "ff" uses FFConfig() when None

@@ -5,9 +5,10 @@ first C input values, or appended as C extra features / C constant one-hot plane
 Block d's goodness is the sum or mean of its squared output activations. Between blocks the
 activations are divided by their root-mean-square (Hinton's "layer normalisation": the length, and
 with it the goodness, does not leak into the next block, only the direction does) and detached.
-Inference scores every candidate label: all C label variants of a batch are stacked into one
-(C * B) batch and run in one forward pass; the prediction is the argmax of the goodness summed
-over `FFConfig.score_blocks`. Bodies are built by the same `build_body` as HFF's, so the two
+Inference scores every candidate label: the C label variants of a batch form one label-major
+(C * B) stack, run in one forward pass or, with `chunk`, in passes of at most `chunk` rows (on a
+CPU a 25,600-row pass is bound by memory traffic; a few thousand rows run faster per image). The
+prediction is the argmax of the goodness summed over `FFConfig.score_blocks`. Bodies are built by the same `build_body` as HFF's, so the two
 families share backbones block for block.
 """
 
@@ -23,9 +24,16 @@ from model.hff import InputNorm, build_body
 NORM_EPS = 1e-6
 
 
-def rms_normalise(h: Tensor) -> Tensor:
-    """Divide every example by the RMS of all its activations: goodness 1 in, direction kept."""
-    rms = h.pow(2).flatten(1).mean(1).add(NORM_EPS).sqrt()  # (B,)
+def mean_square(h: Tensor) -> Tensor:
+    """Mean of every example's squared activations, (B, ...) -> (B,): one pass over h, in any
+    memory layout (no flatten, so a channels-last h is not copied)."""
+    return torch.linalg.vector_norm(h, dim=tuple(range(1, h.ndim))).square() / h[0].numel()
+
+
+def rms_normalise(h: Tensor, ms: Tensor | None = None) -> Tensor:
+    """Divide every example by the RMS of all its activations: goodness 1 in, direction kept.
+    `ms`: h's mean_square when the caller has it already."""
+    rms = (mean_square(h) if ms is None else ms).add(NORM_EPS).sqrt()  # (B,)
     return h / rms.view(-1, *([1] * (h.ndim - 1)))
 
 
@@ -63,37 +71,40 @@ class FFNet(nn.Module):
         planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # (B, K, H, W)
         return torch.cat([x, planes], 1)  # (B, C + K, H, W)
 
-    def goodness(self, h: Tensor) -> Tensor:
-        """Sum or mean of squared activations per example: (B, ...) -> (B,)."""
-        sq = h.pow(2).flatten(1)
-        return sq.sum(1) if self.ff.goodness == "sum" else sq.mean(1)
-
     def block_goodness(self, h: Tensor) -> list[Tensor]:
         """Goodness of every block for embedded inputs `h` (B, ...): [(B,)] * L.
 
         Each block's input is detached, so a loss on block d's goodness trains block d alone.
+        Goodness is the sum or mean of the squared activations per example; the mean square is
+        computed once per block and serves both the goodness and the next block's RMS norm.
         """
-        out = []
-        for k, body in enumerate(self.blocks):
-            if k > 0:
-                h = rms_normalise(h)
+        out, ms = [], None
+        for body in self.blocks:
+            if ms is not None:
+                h = rms_normalise(h, ms)
             h = body(h.detach())
-            out.append(self.goodness(h))
+            ms = mean_square(h)
+            out.append(ms * h[0].numel() if self.ff.goodness == "sum" else ms)
         return out
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Goodness of every block for every candidate label, in one pass: [(B, C)] * L."""
+    def forward(self, x: Tensor, chunk: int | None = None) -> list[Tensor]:
+        """Goodness of every block for every candidate label: [(B, C)] * L.
+
+        Row r of the label-major (K * B) stack is image r % B with label r // B; `chunk` runs the
+        stack in passes of at most that many rows (None: one pass). The result does not depend on it.
+        """
         b, k = x.shape[0], self.num_classes
         x = self.input_norm(x)
-        stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])  # (K*B, C, H, W)
-        labels = torch.arange(k, device=x.device).repeat_interleave(b)  # label-major, (K*B,)
-        return [g.view(k, b).t() for g in self.block_goodness(self.embed(stacked, labels))]
+        rows = torch.arange(k * b, device=x.device)
+        passes = [self.block_goodness(self.embed(x[r % b], r // b))
+                  for r in rows.split(chunk or k * b)]
+        return [torch.cat(g).view(k, b).t() for g in zip(*passes, strict=True)]
 
-    def scores(self, x: Tensor) -> Tensor:
+    def scores(self, x: Tensor, chunk: int | None = None) -> Tensor:
         """The prediction's class scores: goodness summed over the score blocks, (B, C)."""
-        per_block = self(x)
+        per_block = self(x, chunk)
         return torch.stack([per_block[k] for k in self.score_blocks]).sum(0)
 
-    def predict(self, x: Tensor) -> Tensor:
-        return self.scores(x).argmax(1)
+    def predict(self, x: Tensor, chunk: int | None = None) -> Tensor:
+        return self.scores(x, chunk).argmax(1)
 

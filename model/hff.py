@@ -1,4 +1,4 @@
-"""Hyperspherical Forward-Forward network: blocks with local prototype heads (ARCHITECTURE.md).
+"""Hyperspherical Forward-Forward network: blocks with local prototype heads (docs/architecture.md).
 
 Block k maps h_{k-1} to h_k, pools and L2-normalises h_k to z_k, and scores z_k against C x P
 unit-norm prototypes: s_c = tau * logsumexp_j(z . p_cj / tau); logits = exp(log_scale) * s.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from contract.cli import DefaultsHelpFormatter, OneLineParser
 from contract.pydantic_errors import describe_errors
 from model.checkpoint import (
     CONFIG_FILE,
@@ -20,31 +21,34 @@ from model.checkpoint import (
     CheckpointError,
     load_config,
 )
-from model.config import list_presets, preset_config
+from model.config import FFConfig, ModelConfig, list_presets, preset_config
 from training import distributed
 from training.data import DataError, list_datasets, load_dataset
-from training.ff_objectives import add_ff_arguments, ff_settings
+from training.ff_objectives import FFTrainConfig
+from training.flags import add_flags, given
 from training.objectives import OBJECTIVES
 from training.trainer import STATE_FILE, TrainConfig, Trainer, make_run_config
 
 PROG = "hff-train"
+# The flags that set config fields, by field; type, choices, default and help come from the field.
+TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
+               "weight_decay": "--weight-decay"}
+MODEL_FLAGS = {"margin": "--margin", "prototypes_per_class": "--prototypes-per-class"}
+FF_MODEL_FLAGS = {"goodness": "--ff-goodness", "threshold": "--ff-threshold",
+                  "label_embedding": "--ff-embedding", "score_blocks": "--ff-score-blocks"}
+FF_TRAIN_FLAGS = {"loss": "--ff-loss", "alpha": "--ff-alpha", "gamma": "--gamma",
+                  "remedy": "--remedy", "weight": "--remedy-weight", "gate_tau": "--gate-tau",
+                  "gate_kappa": "--gate-kappa", "depth_alpha": "--depth-alpha"}
 
 
 class CliError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage + error; we print one line that says what was wrong."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = OneLineParser(prog=PROG, description=__doc__,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsHelpFormatter)
     p.add_argument("--dataset", default="digits", help=f"one of: {', '.join(list_datasets())}")
     p.add_argument("--data-dir", default=None, help="where a non-bundled data set's files are (default: the first of "
                    "$HFF_DATA_DIR/<name>, data/<name>, /usr/share/datasets/<name> that has them)")
@@ -52,14 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"architecture ({', '.join(list_presets())}); default: the data set's")
     p.add_argument("--out", default=None, help="checkpoint dir (default: runs/<dataset>)")
     p.add_argument("--objective", default=defaults.objective, help=f"one of: {', '.join(OBJECTIVES)}")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    add_flags(p, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--margin", type=float, default=None, help="additive cosine margin (model)")
-    p.add_argument("--prototypes-per-class", type=int, default=None)
+    add_flags(p, ModelConfig, MODEL_FLAGS, default_text="the preset's")
     p.add_argument("--no-augment", action="store_true", help="turn training augmentation off")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last completed epoch")
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes that decode images (0: in the main process)")
-    add_ff_arguments(p)
+    ff = p.add_argument_group("Forward-Forward (--objective ff)")
+    add_flags(ff, FFConfig, FF_MODEL_FLAGS)
+    add_flags(ff, FFTrainConfig, FF_TRAIN_FLAGS)
     return p
 
 
@@ -104,9 +106,13 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
     if args.objective not in OBJECTIVES:
         raise CliError(f"unknown objective {args.objective!r} (known: {', '.join(OBJECTIVES)})")
     try:
-        model_ff, train_ff = ff_settings(args, vars(build_parser().parse_args([])))
+        model_ff = given(args, FFConfig, FF_MODEL_FLAGS)
+        train_ff = given(args, FFTrainConfig, FF_TRAIN_FLAGS)
     except ValueError as e:
         raise CliError(str(e)) from None
+    if args.objective != "ff" and (model_ff or train_ff):
+        flags = [FF_MODEL_FLAGS.get(f) or FF_TRAIN_FLAGS[f] for f in [*model_ff, *train_ff]]
+        raise CliError(f"{', '.join(flags)} only apply to --objective ff")
     try:  # sources of any size (image folders) are resized to the preset's input size
         image_size = preset_config(args.preset).input_shape[1:] if args.preset else None
     except KeyError as e:
@@ -115,21 +121,16 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
     preset = args.preset or data.default_preset
     overrides = {
         "input_shape": data.input_shape, "class_names": data.class_names,
-        "input_mean": data.mean, "input_std": data.std,
+        "input_mean": data.mean, "input_std": data.std, **given(args, ModelConfig, MODEL_FLAGS),
     }
-    if args.margin is not None:
-        overrides["margin"] = args.margin
-    if args.prototypes_per_class is not None:
-        overrides["prototypes_per_class"] = args.prototypes_per_class
     if args.objective == "ff":
         overrides["family"] = "ff"
         overrides["ff"] = model_ff
     try:
         model_cfg = preset_config(preset, **overrides)
-        train_cfg = TrainConfig(objective=args.objective, epochs=args.epochs,
-                                batch_size=args.batch_size, lr=args.lr,
-                                weight_decay=args.weight_decay, augment=not args.no_augment,
-                                ff=train_ff or None)
+        train_cfg = TrainConfig(objective=args.objective, augment=not args.no_augment,
+                                ff=train_ff if args.objective == "ff" else None,
+                                **given(args, TrainConfig, TRAIN_FLAGS))
     except KeyError as e:
         raise CliError(e.args[0]) from None
     except ValidationError as e:

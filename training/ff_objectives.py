@@ -26,7 +26,6 @@ follows the cumulative sum's scale; "symba" softplus(-alpha (G_pos - G_neg)).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Literal
 
 import torch
@@ -48,14 +47,20 @@ class FFTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss: Literal["ff", "symba"] = "symba"  # Hinton's thresholded loss or SymBa's pairwise one
-    alpha: float = Field(4.0, gt=0.0)  # sharpness of the softplus (SymBa's alpha; beta of R)
-    gamma: float = Field(0.0, ge=0.0, le=1.0)  # cumulative goodness: 0 block-local, 1 cumulative
-    remedy: Remedy = "none"
-    weight: float = Field(1.0, ge=0.0)  # lambda of the per-block and depth-scaled terms
-    gate_tau: float = Field(4.0, gt=0.0)  # tau of the hardness gate (its steepness)
-    gate_kappa: float = Field(0.5)  # kappa of the hardness gate (prior margin where it halves)
-    depth_alpha: float = Field(4.0, gt=0.0)  # alpha of the depth-scaled example weights
+    loss: Literal["ff", "symba"] = Field(
+        "symba", description="Hinton's thresholded loss (ff) or SymBa's pairwise one")
+    alpha: float = Field(4.0, gt=0.0, description="softplus sharpness (SymBa's alpha; beta of R)")
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="cumulative goodness weight: "
+                                                          "0 block-local, 1 fully cumulative")
+    remedy: Remedy = Field("none", description="free-riding remedy: per-block adds the block-local "
+                           "loss, hardness gates gamma per example, depth weighs hard examples "
+                           "more in deeper blocks")
+    weight: float = Field(1.0, ge=0.0, description="lambda of the per-block / depth-scaled terms")
+    gate_tau: float = Field(4.0, gt=0.0, description="hardness gate tau (its steepness)")
+    gate_kappa: float = Field(0.5, description="hardness gate kappa (the prior margin where it "
+                                               "halves)")
+    depth_alpha: float = Field(4.0, gt=0.0, description="depth-scaled remedy: example weight "
+                                                        "sigmoid(-depth_alpha * prior margin)")
 
 
 def wrong_labels(y: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
@@ -191,54 +196,3 @@ def make_ff_objective(config: RunConfig) -> FFObjective:
     train_ff = FFTrainConfig.model_validate(config.train.get("ff") or {})
     return FFObjective(model_ff, train_ff, config.model.num_blocks)
 
-
-# --- command line -----------------------------------------------------------------------------
-
-def add_ff_arguments(parser: argparse.ArgumentParser) -> None:
-    """The FF flags of hff-train (used only with --objective ff)."""
-    m, t = FFConfig(), FFTrainConfig()
-    g = parser.add_argument_group("Forward-Forward (--objective ff)")
-    g.add_argument("--ff-goodness", choices=["sum", "mean"], default=m.goodness,
-                   help="goodness = sum or mean of squared activations")
-    g.add_argument("--ff-threshold", type=float, default=m.threshold, help="theta (loss ff)")
-    g.add_argument("--ff-embedding", choices=["overlay", "concat"], default=m.label_embedding,
-                   help="label in the input: one-hot overlay on the first C values, or appended")
-    g.add_argument("--ff-score-blocks", default=None,
-                   help="comma-separated 1-based blocks summed at inference (default: all)")
-    g.add_argument("--ff-loss", choices=["ff", "symba"], default=t.loss)
-    g.add_argument("--ff-alpha", type=float, default=t.alpha, help="softplus sharpness")
-    g.add_argument("--gamma", type=float, default=t.gamma,
-                   help="cumulative goodness weight: 0 block-local, 1 fully cumulative")
-    g.add_argument("--remedy", choices=["none", "per-block", "hardness", "depth"], default=t.remedy)
-    g.add_argument("--remedy-weight", type=float, default=t.weight,
-                   help="lambda of the per-block / depth-scaled terms")
-    g.add_argument("--gate-tau", type=float, default=t.gate_tau, help="hardness gate steepness")
-    g.add_argument("--gate-kappa", type=float, default=t.gate_kappa, help="hardness gate centre")
-    g.add_argument("--depth-alpha", type=float, default=t.depth_alpha,
-                   help="depth-scaled remedy: example weight sigmoid(-depth_alpha * prior margin)")
-
-
-FF_FLAGS = ("ff_goodness", "ff_threshold", "ff_embedding", "ff_score_blocks", "ff_loss", "ff_alpha",
-            "gamma", "remedy", "remedy_weight", "gate_tau", "gate_kappa", "depth_alpha")
-
-
-def ff_settings(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> tuple[dict, dict]:
-    """(model ff settings, train ff settings) from parsed flags; ValueError on a misuse."""
-    if args.objective != "ff":
-        changed = [f for f in FF_FLAGS if getattr(args, f) != parser_defaults[f]]
-        if changed:
-            flags = ", ".join("--" + f.replace("_", "-") for f in changed)
-            raise ValueError(f"{flags} only apply to --objective ff")
-        return {}, {}
-    score_blocks = None
-    if args.ff_score_blocks is not None:
-        try:
-            score_blocks = [int(v) for v in args.ff_score_blocks.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--ff-score-blocks {args.ff_score_blocks!r}: expected e.g. 2,3") from None
-    model = {"goodness": args.ff_goodness, "threshold": args.ff_threshold,
-             "label_embedding": args.ff_embedding, "score_blocks": score_blocks}
-    train = {"loss": args.ff_loss, "alpha": args.ff_alpha, "gamma": args.gamma,
-             "remedy": args.remedy, "weight": args.remedy_weight, "gate_tau": args.gate_tau,
-             "gate_kappa": args.gate_kappa, "depth_alpha": args.depth_alpha}
-    return model, train

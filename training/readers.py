@@ -304,11 +304,6 @@ class ImageFileDataset(Dataset):
         image = torch.from_numpy(decode_image(path, self.size, self.channels))
         return image.float().div_(255.0), torch.tensor(label, dtype=torch.long)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([label for _, label in self.samples], dtype=np.int64)
-
-
 def image_file_stats(dataset: ImageFileDataset, max_images: int = 2000) -> tuple[list[float], list[float]]:
     """Channel mean/std from at most `max_images` evenly spaced training images (a fixed subset)."""
     n = len(dataset)

@@ -63,10 +63,12 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["hff", "backprop", "ff"] = "hff"
-    epochs: int = Field(40, ge=1)
-    batch_size: int = Field(64, ge=1)  # global: split across torchrun ranks (ceil(B / N) each)
-    lr: float = Field(3e-3, gt=0)  # peak AdamW learning rate
-    weight_decay: float = Field(5e-4, ge=0)  # on conv/linear weights only
+    epochs: int = Field(40, ge=1, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, description="global batch: split across torchrun ranks "
+                                                  "(ceil(B / N) each)")
+    lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay, on conv/linear "
+                                                        "weights only")
     warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine decay to zero
     augment: bool = True  # the data set's training augmentation
     eval_batch_size: int = Field(512, ge=1)

@@ -41,8 +41,9 @@ _BODY = {
             "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                          "description": "PNG or JPEG images (any field name); one prediction each"},
-                "early_exit": {"type": "string", "description": "auto, off or a threshold such as 0.9"},
-                "top_k": {"type": "integer"},
+                "early_exit": {"type": "string", "description": "auto, off or a threshold such "
+                               "as 0.9", "pattern": r"^(auto|off|0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$"},
+                "top_k": {"type": "integer", "minimum": 1},
                 "return_blocks": {"type": "boolean"},
             },
         }},

@@ -31,7 +31,7 @@ def repo_env(**extra: str) -> dict[str, str]:
 def digits_model_dir(digits_run, tmp_path_factory) -> Path:
     """The session's briefly trained digits run (tests/conftest.py), exported by hff-export."""
     out = tmp_path_factory.mktemp("service-models") / "digits"
-    proc = run_module("model.export", str(digits_run), "--out", str(out), timeout=1200)
+    proc = run_module("model.export_cli", str(digits_run), "--out", str(out), timeout=1200)
     assert proc.returncode == 0, f"hff-export failed:\n{proc.stderr[-3000:]}"
     return out
 

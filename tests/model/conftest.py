@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_export(tiny_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """tiny_run exported through the CLI: (model dir, the finished process)."""
     out = tmp_path_factory.mktemp("models") / "tiny"
-    return out, run_ok("model.export", str(tiny_run), "--out", str(out))
+    return out, run_ok("model.export_cli", str(tiny_run), "--out", str(out))
 
 
 @pytest.fixture(scope="session")
@@ -52,5 +52,5 @@ def trained_digits_run(tmp_path_factory) -> Path:
 def digits_export(trained_digits_run, tmp_path_factory) -> Path:
     """The properly trained digits-cnn checkpoint, exported through the CLI."""
     out = tmp_path_factory.mktemp("models") / "digits"
-    run_ok("model.export", str(trained_digits_run), "--out", str(out))
+    run_ok("model.export_cli", str(trained_digits_run), "--out", str(out))
     return out

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model import export
+from model import export, export_cli, onnx_graphs, onnx_verify
 from model.checkpoint import load_checkpoint
 from model.config import preset_config
 from model.hff import HFFNet
@@ -77,7 +77,7 @@ def split_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def test_block_macs_follow_the_formula():
     net = HFFNet(preset_config("digits-cnn")).eval()  # 8x8 -> 8x8 -> 4x4 -> 2x2, pool grid 2
-    assert export.block_macs(net, (1, 8, 8)) == [
+    assert onnx_graphs.block_macs(net, (1, 8, 8)) == [
         3 * 3 * 1 * 32 * 8 * 8 + 32 * 4 * 10,
         3 * 3 * 32 * 64 * 8 * 8 + 64 * 4 * 10,  # the conv runs before the 2x2 max pool
         3 * 3 * 64 * 128 * 4 * 4 + 128 * 4 * 10,
@@ -85,7 +85,7 @@ def test_block_macs_follow_the_formula():
     linear = [{"kind": "linear", "width": 256, "norm": "batch"}] * 3
     # left in training mode: counting must not trip BatchNorm1d on its batch of one
     mlp = HFFNet(preset_config("mlp", prototypes_per_class=2, blocks=linear))
-    assert export.block_macs(mlp, (1, 8, 8)) == [
+    assert onnx_graphs.block_macs(mlp, (1, 8, 8)) == [
         64 * 256 + 256 * 20, 256 * 256 + 256 * 20, 256 * 256 + 256 * 20]
     assert mlp.training
 
@@ -117,7 +117,7 @@ def test_fmnist_cnn_graphs_match_torch(tmp_path):
 
 @pytest.mark.parametrize("opset", ["17", "99"])
 def test_unsupported_opset_is_one_line(tmp_path, capsys, opset):
-    assert export.main([str(tmp_path), "--out", str(tmp_path / "m"), "--opset", opset]) == 2
+    assert export_cli.main([str(tmp_path), "--out", str(tmp_path / "m"), "--opset", opset]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"opset {opset} is not supported" in err
     assert not (tmp_path / "m").exists()
@@ -126,14 +126,14 @@ def test_unsupported_opset_is_one_line(tmp_path, capsys, opset):
 @pytest.mark.parametrize("confidence", ["1", "-0.5", "nan"])
 def test_confidence_out_of_range_is_one_line(tmp_path, capsys, confidence):
     out = tmp_path / "m"
-    assert export.main([str(tmp_path), "--out", str(out), "--confidence", confidence]) == 2
+    assert export_cli.main([str(tmp_path), "--out", str(out), "--confidence", confidence]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "confidence must be in [0, 1)" in err
     assert not out.exists()
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
-    assert export.main([str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
+    assert export_cli.main([str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
     assert not (tmp_path / "m").exists()
@@ -255,7 +255,7 @@ def test_corrupt_checkpoint_leaves_no_output(tiny_run, tmp_path, capsys, victim,
     shutil.copytree(tiny_run, run)
     (run / victim).write_bytes(content)
     out = tmp_path / "models" / "m"
-    assert export.main([str(run), "--out", str(out)]) == 2
+    assert export_cli.main([str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
     assert not out.exists()
@@ -267,7 +267,7 @@ def test_missing_heldout_probs_is_one_line(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "heldout_probs.safetensors").unlink()
-    assert export.main([str(run), "--out", str(tmp_path / "m")]) == 2
+    assert export_cli.main([str(run), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "heldout_probs.safetensors is missing" in err
 
@@ -279,7 +279,7 @@ def test_a_forward_forward_network_is_refused(tiny_run, tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     config["model"]["family"] = "ff"
     (run / "config.json").write_text(json.dumps(config))
-    assert export.main([str(run), "--out", str(tmp_path / "m")]) == 2
+    assert export_cli.main([str(run), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "only 'hff' networks" in err
     assert not (tmp_path / "m").exists()
@@ -288,7 +288,7 @@ def test_a_forward_forward_network_is_refused(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_unwritable_output_is_one_line(tiny_run, tmp_path, capsys):
     (tmp_path / "file").write_text("in the way")
-    assert export.main([str(tiny_run), "--out", str(tmp_path / "file" / "m")]) == 2
+    assert export_cli.main([str(tiny_run), "--out", str(tmp_path / "file" / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write to" in err
 
@@ -298,24 +298,24 @@ def test_refuses_to_replace_what_is_not_a_model_dir(tiny_run, tmp_path, capsys):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert export.main([str(tiny_run), "--out", str(out)]) == 2
+    assert export_cli.main([str(tiny_run), "--out", str(out)]) == 2
     assert "not a model dir" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
-    assert export.main([str(tiny_run), "--out", str(tiny_run)]) == 2
+    assert export_cli.main([str(tiny_run), "--out", str(tiny_run)]) == 2
     assert "checkpoint dir itself" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_parity_failure_leaves_no_model_dir_and_keeps_the_old_one(tiny_run, tiny_export,
                                                                   tmp_path, capsys, monkeypatch):
-    real = export.run_session
+    real = onnx_verify.run_session
 
     def corrupted(sess, x):  # onnxruntime drifting from torch by 1e-3
         return [out + np.float32(1e-3) for out in real(sess, x)]
 
-    monkeypatch.setattr(export, "run_session", corrupted)
+    monkeypatch.setattr(onnx_verify, "run_session", corrupted)
     fresh = tmp_path / "fresh"
-    assert export.main([str(tiny_run), "--out", str(fresh)]) == 2
+    assert export_cli.main([str(tiny_run), "--out", str(fresh)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines are logs
     assert last.startswith("hff-export: error: onnxruntime disagrees with torch by ")
     assert float(last.split(" by ")[1].split()[0]) >= 1e-3  # says by how much
@@ -324,7 +324,7 @@ def test_parity_failure_leaves_no_model_dir_and_keeps_the_old_one(tiny_run, tiny
     old = tmp_path / "old"
     shutil.copytree(tiny_export[0], old)
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    assert export.main([str(tiny_run), "--out", str(old)]) == 2
+    assert export_cli.main([str(tiny_run), "--out", str(old)]) == 2
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert leftovers(tmp_path) == []
 
@@ -358,3 +358,11 @@ def test_digits_early_exit_meets_the_target(digits_export):
     cost = np.cumsum([s["macs"] for s in m["stages"]]) / sum(s["macs"] for s in m["stages"])
     assert cost[exits].mean() <= 0.8
     assert ee["test_compute_fraction"] <= 0.8
+
+
+def test_help_shows_only_the_defaults_that_say_something(capsys):
+    with pytest.raises(SystemExit):
+        export_cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: --out's name)" in text
+    assert "(default: 0.95)" in text

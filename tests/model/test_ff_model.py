@@ -1,4 +1,4 @@
-"""FFNet: label embedding, one stacked pass equals a loop over labels, config checks."""
+"""FFNet: label embedding, one stacked pass equals a loop over labels and chunked passes, config checks."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def test_inference_equals_a_manual_loop_over_labels(preset: str, embedding: str)
     assert stacked[0].shape == (5, 10)
     torch.testing.assert_close(model.scores(x), total)
     assert torch.equal(model.predict(x), total.argmax(1))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 7, 50])
+def test_chunked_passes_give_the_one_pass_scores(chunk: int) -> None:
+    """Chunks of any size, aligned with the batch or not, and one larger than the stack."""
+    torch.manual_seed(0)
+    model = build_model(ff_config("test-tiny", "overlay")).eval()
+    x = torch.rand(5, 1, 8, 8)  # 10 labels x 5 images: a 50-row stack
+    with torch.no_grad():
+        whole, chunked = model(x), model(x, chunk=chunk)
+        for a, b in zip(whole, chunked, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(model.predict(x, chunk=chunk), model.predict(x))
 
 
 def test_score_blocks_choose_the_summed_blocks() -> None:

@@ -113,3 +113,31 @@ def test_error_exit_of_the_real_process_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.startswith("hff-train: error: unknown data set")
     assert "Traceback" not in proc.stderr
+
+
+def test_config_flags_come_from_the_config_models(capsys):
+    """A flag's choices, default and help are its config field's; a flag left out is not passed,
+    so the model's own default applies; --help shows no default that says nothing."""
+    from model.config import FFConfig
+    from training.ff_objectives import FFTrainConfig
+    from training.flags import given
+    from training.trainer import TrainConfig
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for model, flags in [(TrainConfig, cli.TRAIN_FLAGS), (FFConfig, cli.FF_MODEL_FLAGS),
+                         (FFTrainConfig, cli.FF_TRAIN_FLAGS)]:
+        for name, flag in flags.items():
+            field = model.model_fields[name]
+            assert field.description in text, flag
+            if field.default is not None:
+                assert f"{field.description} (default: {field.default})" in text, flag
+    assert "--remedy {none,per-block,hardness,depth}" in text
+
+    args = cli.build_parser().parse_args(["--gamma", "0.5", "--ff-score-blocks", "2,3",
+                                          "--epochs", "3"])
+    assert given(args, FFTrainConfig, cli.FF_TRAIN_FLAGS) == {"gamma": 0.5}
+    assert given(args, FFConfig, cli.FF_MODEL_FLAGS) == {"score_blocks": [2, 3]}
+    assert given(args, TrainConfig, cli.TRAIN_FLAGS) == {"epochs": 3}

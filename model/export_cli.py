@@ -1,0 +1,82 @@
+"""hff-export's command line: arguments in, export_model, the trade-off table out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from contract.cli import DefaultsHelpFormatter, OneLineParser
+from model.checkpoint import CheckpointError
+from model.export import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_EPSILON,
+    ExportError,
+    ExportResult,
+    export_model,
+)
+from model.onnx_verify import DEFAULT_OPSET
+
+PROG = "hff-export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Export a checkpoint dir to a verified ONNX model dir.",
+                      formatter_class=DefaultsHelpFormatter)
+    p.add_argument("run_dir", help="checkpoint dir written by hff-train")
+    p.add_argument("--out", required=True, help="model dir to write (an earlier one is replaced)")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: --out's name)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
+                   help="accuracy an early exit may lose, as a fraction (0.005 = 0.5 points)")
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="one-sided confidence that each exit loses at most epsilon on unseen data "
+                        "(sign test on the validation rows where the exit and the final block "
+                        "disagree); 0 = trust the validation counts as they are")
+    return p
+
+
+def print_report(result: ExportResult) -> None:
+    m = result.manifest
+    ee = m.early_exit
+    assert ee is not None  # the exporter always calibrates
+    print(f"\n{m.name} {m.version}: {m.preset} on {m.dataset}, {m.num_blocks} blocks, "
+          f"opset {m.opset}, parity max |diff| {result.parity_max_diff:.2g}")
+    print("\nearly-exit trade-off on the validation split (one threshold for every block < L):")
+    print(f"{'threshold':>10}  {'accuracy':>8}  {'mean blocks':>11}  {'compute':>7}")
+    for t, s in result.trade_off:
+        label = "never" if t is None else f"{t:g}"
+        print(f"{label:>10}  {s.accuracy * 100:>7.2f}%  {s.mean_blocks:>11.2f}  "
+              f"{s.compute_fraction * 100:>6.1f}%")
+    ts = ", ".join("never" if t is None else f"{t:.4g}" for t in ee.thresholds)
+    print(f"\ncalibrated (epsilon {ee.epsilon * 100:g} points at {ee.confidence * 100:g}% "
+          f"confidence): thresholds [{ts}]")
+    print(f"{'split':>6}  {'full acc':>8}  {'early-exit acc':>14}  {'compute':>7}")
+    print(f"{'val':>6}  {ee.full_accuracy * 100:>7.2f}%  {ee.expected_accuracy * 100:>13.2f}%  "
+          f"{ee.compute_fraction * 100:>6.1f}%")
+    print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee.test_accuracy * 100:>13.2f}%  "
+          f"{ee.test_compute_fraction * 100:>6.1f}%")
+    print(f"model dir: {result.model_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = export_model(args.run_dir, args.out, name=args.name, opset=args.opset,
+                              epsilon=args.epsilon, confidence=args.confidence)
+    except (ExportError, CheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no model dir was written", file=sys.stderr)
+        return 130
+    print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
