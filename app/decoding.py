@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ClientError
+from app.errors import ClientError, excerpt
 from contract.model_dir import RESIZE
 from contract.pydantic_errors import describe_errors
 
@@ -34,12 +34,23 @@ def media_type(headers: Mapping[str, str], default: str = "") -> str:
     return headers.get("content-type", default).split(";")[0].strip().lower()
 
 
-def parse_json_body(model: type[Body], body: bytes, example: str) -> Body:
-    """A JSON request body validated as `model`: 400 when it is not JSON, 422 when it does not fit.
+def max_values(spec: InputSpec, max_instances: int) -> int:
+    """The most JSON values (so commas) a valid request holds: every number of max_instances
+    instances, the brackets between them, and a few options."""
+    return max_instances * (math.prod(spec.shape) + 64) + 64
+
+
+def parse_json_body(model: type[Body], body: bytes, example: str, limit: int | None = None) -> Body:
+    """A JSON request body validated as `model`: 400 when it is not JSON, 422 when it does not fit,
+    413 when it holds more values than `limit` (counted before parsing: a 16 MB body of numbers
+    parses into half a GB of objects).
 
     Pydantic parses the bytes itself (in Rust): for 3x32x32 instances that is about 8x faster
     than json.loads followed by validation, and NaN / Infinity tokens still reach check_values.
     """
+    if limit is not None and body.count(b",") > limit:
+        raise ClientError(413, f"the body holds more than {limit} values, more than the largest "
+                               "valid request (HFF_MAX_INSTANCES instances of the model's shape)")
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -151,7 +162,7 @@ def decode_b64(value: Any, where: str, spec: InputSpec) -> np.ndarray:
 def decode_instance(value: Any, where: str, spec: InputSpec) -> np.ndarray:
     if isinstance(value, dict):
         if set(value) != {"b64"}:
-            raise ClientError(422, f"{where} is an object with keys {sorted(value)}; the only "
+            raise ClientError(422, f"{where} is an object with keys {excerpt(sorted(value))}; the only "
                                    'object form is {"b64": "<base64 PNG or JPEG>"}')
         return decode_b64(value["b64"], where, spec)
     if isinstance(value, list):

@@ -22,9 +22,9 @@ async def require_api_key(request: Request) -> None:
     key = request.app.state.service.settings.API_KEY
     if key is None:
         return
-    supplied = request.headers.get("x-api-key")
+    supplied = request.headers.get("x-api-key", "").strip()
     auth = request.headers.get("authorization", "")
-    if supplied is None and auth.lower().startswith("bearer "):
+    if not supplied and auth.lower().startswith("bearer "):  # an empty X-API-Key is no key
         supplied = auth[7:].strip()
     challenge = {"WWW-Authenticate": "Bearer"}
     if not supplied:

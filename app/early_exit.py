@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import PlainValidator, WithJsonSchema
 
+from app.errors import excerpt
+
 _THRESHOLD_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 _FORMS = ("'auto', 'off' or a threshold in (0, 1] such as 0.9 (in JSON also "
           '{"threshold": 0.9})')
@@ -20,7 +22,7 @@ def parse_early_exit(value: Any) -> str | float:
     given = value
     if isinstance(value, Mapping):
         if set(value) != {"threshold"} or isinstance(value["threshold"], str):
-            raise ValueError(f"early_exit must be {_FORMS}, got {given!r}")
+            raise ValueError(f"early_exit must be {_FORMS}, got {excerpt(given)}")
         value = value["threshold"]
     elif isinstance(value, str):
         text = value.strip().lower()
@@ -29,10 +31,10 @@ def parse_early_exit(value: Any) -> str | float:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"early_exit must be {_FORMS}, got {given!r}") from None
+            raise ValueError(f"early_exit must be {_FORMS}, got {excerpt(given)}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
             or not 0.0 < value <= 1.0:
-        raise ValueError(f"early_exit must be {_FORMS}, got {given!r}")
+        raise ValueError(f"early_exit must be {_FORMS}, got {excerpt(given)}")
     return float(value)
 
 

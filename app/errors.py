@@ -6,8 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from contract.pydantic_errors import describe_errors
 
@@ -24,7 +25,18 @@ class ClientError(Exception):
         self.headers = headers
 
 
+MAX_ERROR_CHARS = 400  # an error message never echoes more of the input than an excerpt
+
+
+def excerpt(value: object, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: what an error message may quote of the input."""
+    text = repr(value) if not isinstance(value, str) else repr(value[:limit + 1])
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(message) > MAX_ERROR_CHARS:  # the last guard; messages quote input through excerpt()
+        message = message[:MAX_ERROR_CHARS] + " ..."
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -45,6 +57,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, describe_errors(exc.errors(), root="request"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; app.guard logs and counts the 499
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

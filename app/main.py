@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -17,10 +18,12 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.batcher import Batcher
-from app.errors import install_error_handlers
+from app.errors import ClientError, install_error_handlers
+from app.guard import RequestGuard
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import BodyLimitMiddleware
 from app.openapi import install_openapi
+from app.protocol import GuardedHttpToolsProtocol
 from app.routes import health, kserve, metrics, models, predict
 from app.runtime import ModelRuntime
 from app.service import Service
@@ -39,7 +42,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
 
     async def warm_up() -> None:
-        await asyncio.to_thread(service.runtime.warm_up)
+        try:
+            await asyncio.to_thread(service.runtime.warm_up)
+        except Exception as e:  # never live-but-never-ready: one line, then the server exits
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            service.fail(f"warm-up failed, not serving {service.settings.MODEL_DIR}: {first_line}")
+            return
         batcher = Batcher(service.runtime, service.metrics,
                           max_batch_size=service.settings.MAX_BATCH_SIZE,
                           max_wait_ms=service.settings.MAX_BATCH_WAIT_MS,
@@ -60,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
         if service.batcher is not None:
             await service.batcher.stop()
+        service.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,13 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
                            max_batch_size=settings.MAX_BATCH_SIZE)
     metrics_ = Metrics()
-    app = FastAPI(title="HFF serve", version=__version__, lifespan=lifespan,
+    # redirect_slashes off: Starlette builds those redirects from the client's Host header
+    app = FastAPI(title="HFF serve", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="Hyperspherical Forward-Forward inference with dynamic batching "
                               "and per-sample early exit.")
     app.state.service = Service(settings, runtime, metrics_)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
-    app.add_middleware(MetricsMiddleware, metrics=metrics_)  # outermost: sees every status
+    # outermost: sees every status, bounds the body read, notices clients that leave
+    app.add_middleware(RequestGuard, metrics=metrics_, body_timeout=settings.BODY_TIMEOUT_S)
     for module in (predict, kserve, health, models, metrics):
         app.include_router(module.router)
     install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
@@ -94,6 +105,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         self.service.draining = True
+        refusal = ClientError(503, "the server is shutting down", {"Retry-After": "5"})
+        with suppress(RuntimeError):  # a signal handler: touch the line from the loop, not here
+            asyncio.get_running_loop().call_soon_threadsafe(
+                self.service.admission.refuse_waiting, refusal)
         if self.service.batcher is not None:
             self.service.batcher.close()
         super().handle_exit(sig, frame)
@@ -119,6 +134,17 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn with every client-controlled wait bounded (README: operations)."""
+    protocol = partial(GuardedHttpToolsProtocol, header_timeout=settings.HEADER_TIMEOUT_S,
+                       max_header_bytes=settings.MAX_HEADER_BYTES)
+    return uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=protocol,
+                          log_level=settings.LOG_LEVEL, access_log=False,
+                          timeout_keep_alive=settings.KEEP_ALIVE_TIMEOUT_S,
+                          timeout_graceful_shutdown=settings.SHUTDOWN_TIMEOUT_S,
+                          limit_concurrency=settings.MAX_CONNECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -133,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     except ModelDirError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT,
-                            log_level=settings.LOG_LEVEL, access_log=False,
-                            timeout_graceful_shutdown=None)
-    server = DrainingServer(config, app.state.service)
+    config = server_config(app, settings)
+    service: Service = app.state.service
+    server = DrainingServer(config, service)
+    service.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and service.failure is None else 1
 
 
 if __name__ == "__main__":

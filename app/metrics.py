@@ -29,3 +29,9 @@ class Metrics:
         self.in_flight = Gauge("hff_instances_in_flight", "accepted instances not answered yet",
                                registry=r)
         self.queue_depth = Gauge("hff_queue_depth", "instances waiting for a batch", registry=r)
+        self.admitted_rows = Gauge("hff_admitted_instances", "instances admitted and not answered "
+                                   "(an upper bound until a body is parsed)", registry=r)
+        self.admitted_bytes = Gauge("hff_admitted_bytes", "body bytes of admitted requests not "
+                                    "answered", registry=r)
+        self.waiting_requests = Gauge("hff_waiting_requests", "requests waiting for admission, "
+                                      "their bodies unread", registry=r)

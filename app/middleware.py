@@ -1,13 +1,10 @@
-"""ASGI middleware: the request body limit and the per-route request metrics."""
+"""ASGI middleware: the request body limit (metrics and timeouts: app.guard)."""
 
 from __future__ import annotations
-
-import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ClientError, error_response
-from app.metrics import Metrics
 
 
 class BodyTooLarge(ClientError):
@@ -49,33 +46,3 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited, send)
-
-
-class MetricsMiddleware:
-    """Counts requests by route template and status, and times them."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = scope.get("route")
-            # Route templates, never raw paths: unknown paths must not grow the label set.
-            label = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(route=label, status=str(status)).inc()
-            self.metrics.latency.labels(route=label).observe(time.perf_counter() - start)

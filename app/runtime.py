@@ -100,9 +100,36 @@ class ModelRuntime:
         if self.full_outputs != expected:
             raise ModelDirError(f"{self.model_dir / self.manifest.full_graph} has outputs "
                                 f"{self.full_outputs}, the manifest implies {expected}")
+        self._check_graphs()
         log.info("loaded %s version %s from %s: %d blocks, %d stage graphs, providers %s, "
                  "%d intra-op threads", self.manifest.name, self.manifest.version, self.model_dir,
                  self.manifest.num_blocks, len(self.stages), ",".join(self.providers), self.threads)
+
+    def _check_graphs(self) -> None:
+        """Every graph's declared shapes agree with the manifest (input shape, class count, stage
+        shapes), so an edited manifest or a foreign graph fails at load, not on a request."""
+        m = self.manifest
+        classes = [m.num_classes]
+
+        def check(name: str, tensor: Any, want: list[int]) -> None:
+            got = tensor.shape[1:]  # without the batch axis; a symbolic dim is a str: unchecked
+            if len(got) != len(want) or any(isinstance(g, int) and g != w
+                                            for g, w in zip(got, want, strict=False)):
+                raise ModelDirError(f"{self.model_dir / name}: {tensor.name} has shape "
+                                    f"[batch, {', '.join(map(str, got))}], but the manifest "
+                                    f"implies [batch, {', '.join(map(str, want))}]")
+
+        check(m.full_graph, self.full.get_inputs()[0], list(m.input.shape))
+        for output in self.full.get_outputs():
+            check(m.full_graph, output, classes)
+        for spec, session in zip(m.stages, self.stages, strict=True):
+            outputs = {o.name: o for o in session.get_outputs()}
+            if set(outputs) != set(STAGE_OUTPUTS):
+                raise ModelDirError(f"{self.model_dir / spec.file} has outputs {sorted(outputs)}, "
+                                    f"a stage graph has {STAGE_OUTPUTS}")
+            check(spec.file, session.get_inputs()[0], spec.input_shape)
+            check(spec.file, outputs[STAGE_FEATURES], spec.feature_shape)
+            check(spec.file, outputs[STAGE_PROBS], classes)
 
     def _session(self, name: str, options: ort.SessionOptions,
                  providers: list[str]) -> ort.InferenceSession:
@@ -165,15 +192,28 @@ class ModelRuntime:
         return features.numpy()[:rows][keep]
 
     def warm_up(self) -> float:
-        """Run every graph at each bucket batch size once; returns the seconds it took."""
+        """Run every graph at each bucket batch size once, checking what comes out; returns the
+        seconds it took. A graph that fails here raises ModelDirError."""
         t0 = time.perf_counter()
         c, h, w = self.input_shape
+        want = (None, self.manifest.num_classes)
         for b in batch_buckets(self.max_batch_size):
             x = np.zeros((b, c, h, w), dtype=np.float32)
-            self.run_full(x)
-            features: Any = x
-            for k in range(len(self.stages)):
-                features = self.run_stage(k, features, b).features
+            try:
+                outputs = self.run_full(x)
+                features: Any = x
+                for k in range(len(self.stages)):
+                    out = self.run_stage(k, features, b)
+                    outputs.append(out.probs)
+                    features = out.features
+            except Exception as e:  # onnxruntime's own exception types
+                raise ModelDirError(f"{self.model_dir}: a graph fails on a batch of {b} zero "
+                                    f"images: {str(e).strip().splitlines()[0]}") from None
+            for probs in outputs:
+                if probs.shape != (b, want[1]):
+                    raise ModelDirError(f"{self.model_dir}: a graph gives probabilities of shape "
+                                        f"{list(probs.shape)} for {b} images, expected "
+                                        f"[{b}, {want[1]}] (num_classes)")
         seconds = time.perf_counter() - t0
         log.info("warm-up done in %.2fs (batch sizes %s)", seconds,
                  batch_buckets(self.max_batch_size))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import numpy as np
 
+from app.admission import Admission, Ticket
 from app.batcher import Batcher, Job, QueueFull, ShuttingDown
 from app.decoding import InputSpec
 from app.errors import ClientError
@@ -18,9 +22,29 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+# Bodies up to this size without images are parsed on the event loop: a thread hop costs more
+# than parsing them. Larger ones, and every image, go to the decode threads.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+class RequestTimeout(ClientError):
+    def __init__(self, seconds: float):
+        super().__init__(504, f"the request was not answered within {seconds:g}s "
+                              "(HFF_REQUEST_TIMEOUT_S)")
+
 
 class Service:
-    """Everything a route needs; lives on `app.state.service`."""
+    """Everything a route needs; lives on `app.state.service`.
+
+    Every request path that runs a model (the /predict and KServe infer routes, and any faster
+    path added later) goes through the same three calls, which carry the protections:
+    `admit(headers)` before reading the body (admission control, the request deadline),
+    `decode(fn, ...)` to parse the body and decode images (off the event loop when large), and
+    `infer(x, mode, ticket)` (the batcher, bounded by the deadline). Timeouts on headers, body
+    and shutdown, and client disconnects, are handled below the routes (app.protocol, app.guard).
+    """
 
     def __init__(self, settings: Settings, runtime: ModelRuntime, metrics: Metrics):
         self.settings = settings
@@ -32,12 +56,28 @@ class Service:
         self.batcher: Batcher | None = None
         self.warmed = False
         self.draining = False
+        self.failure: str | None = None  # why the model cannot be served (warm-up failed)
+        self.on_failure: Callable[[], None] | None = None  # hff-serve: stop the server
+        self.admission = Admission(settings.QUEUE_BOUND, settings.QUEUE_BYTES,
+                                   settings.QUEUE_WAIT_S, settings.MAX_INSTANCES, metrics)
+        # Its own threads: never the loop's default executor, never the inference thread.
+        self.decode_pool = ThreadPoolExecutor(settings.DECODE_THREADS,
+                                              thread_name_prefix="hff-decode")
 
     @property
     def ready(self) -> bool:
         return self.warmed and not self.draining and self.batcher is not None
 
+    def fail(self, reason: str) -> None:
+        """The model cannot be served: say why once, stay not-ready, and stop the server."""
+        log.error("%s", reason)
+        self.failure = reason
+        if self.on_failure is not None:
+            self.on_failure()
+
     def not_ready_reason(self) -> str:
+        if self.failure is not None:
+            return self.failure
         if self.draining:
             return "the server is shutting down"
         return "the model is still warming up"
@@ -59,11 +99,40 @@ class Service:
 
     # --- running -----------------------------------------------------------------------------
 
-    async def infer(self, x: np.ndarray, mode: str | float | None,
+    @asynccontextmanager
+    async def admit(self, headers: Mapping[str, str]) -> AsyncIterator[Ticket]:
+        """Room for one request, reserved before its body is read (429 when none comes in
+        time), held until the request ends; the ticket carries the request's deadline."""
+        if not self.ready:
+            raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+        raw = headers.get("content-length")
+        length = int(raw) if raw is not None and raw.isdigit() else None
+        loop = asyncio.get_running_loop()
+        ticket = await self.admission.acquire(length, self.settings.MAX_BODY_BYTES,
+                                              loop.time() + self.settings.REQUEST_TIMEOUT_S)
+        try:
+            yield ticket
+        finally:
+            self.admission.release(ticket)
+
+    async def decode(self, ticket: Ticket, heavy: bool, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) (parse a body, decode images): inline when light, else on the decode
+        threads, and bounded by the request's deadline either way."""
+        if not heavy:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(ticket.deadline):
+                return await loop.run_in_executor(self.decode_pool, fn, *args)
+        except TimeoutError:
+            raise RequestTimeout(self.settings.REQUEST_TIMEOUT_S) from None
+
+    async def infer(self, x: np.ndarray, mode: str | float | None, ticket: Ticket,
                     return_blocks: bool = False) -> Job:
-        """Queue (N, C, H, W) rows and wait until every one has exited (or the timeout)."""
+        """Queue (N, C, H, W) rows and wait until every one has exited (or the deadline)."""
         if not self.ready or self.batcher is None:
             raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+        self.admission.settle(ticket, x.shape[0])
         try:
             job = self.batcher.submit(x, self.thresholds_for(mode), return_blocks)
         except QueueFull as e:
@@ -71,13 +140,12 @@ class Service:
         except ShuttingDown as e:
             raise ClientError(503, str(e), {"Retry-After": "5"}) from None
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future),
-                                          self.settings.REQUEST_TIMEOUT_S)
+            async with asyncio.timeout_at(ticket.deadline):
+                return await asyncio.shield(job.future)
         except TimeoutError:
             self.batcher.abandon(job)
-            raise ClientError(504, f"the request was not answered within "
-                                   f"{self.settings.REQUEST_TIMEOUT_S:g}s (HFF_REQUEST_TIMEOUT_S)") from None
-        except asyncio.CancelledError:
+            raise RequestTimeout(self.settings.REQUEST_TIMEOUT_S) from None
+        except asyncio.CancelledError:  # the client left, or the shutdown timeout cut it
             self.batcher.abandon(job)
             raise
 

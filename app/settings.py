@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     MAX_INSTANCES: int = Field(256, ge=1)  # instances in one request; beyond it: 413
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1024)  # request body limit; beyond it: 413
     REQUEST_TIMEOUT_S: float = Field(30.0, gt=0.0)  # a request still unanswered after this: 504
+    QUEUE_BYTES: int = Field(64 * 1024 * 1024, ge=1024)  # body bytes admitted and unanswered
+    QUEUE_WAIT_S: float = Field(10.0, ge=0.0)  # longest a request waits for room; then 429
+    DECODE_THREADS: int = Field(1, ge=1, le=64)  # threads that parse bodies and decode images
+    HEADER_TIMEOUT_S: float = Field(10.0, gt=0.0)  # request line + headers must arrive within
+    MAX_HEADER_BYTES: int = Field(16 * 1024, ge=1024)  # request line + headers; beyond: 431
+    BODY_TIMEOUT_S: float = Field(30.0, gt=0.0)  # the body must arrive within this; then 408
+    KEEP_ALIVE_TIMEOUT_S: float = Field(5.0, gt=0.0)  # an idle keep-alive connection is closed
+    MAX_CONNECTIONS: int = Field(1000, ge=1)  # open connections + requests; beyond: 503
+    SHUTDOWN_TIMEOUT_S: float = Field(30.0, ge=0.0)  # after SIGTERM, requests still open are cut
     DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
     THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
     EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9

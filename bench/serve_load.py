@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -158,12 +159,12 @@ class RawConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, payload: Payload) -> tuple[int, bytes]:
+    async def post(self, payload: Payload, method: str = "POST") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         fields = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
-        head = (f"POST {payload.path} HTTP/1.1\r\nhost: {self.host}\r\n{fields}"
+        head = (f"{method} {payload.path} HTTP/1.1\r\nhost: {self.host}\r\n{fields}"
                 f"content-length: {len(payload.body)}\r\n\r\n").encode()
         self.writer.write(head + payload.body)
         raw = await self.reader.readuntil(b"\r\n\r\n")
@@ -172,6 +173,9 @@ class RawConnection:
         length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
                       if k.strip().lower() == b"content-length")
         return status, await self.reader.readexactly(length)
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await self.post(Payload(path, {}, b""), method="GET")
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -231,6 +235,112 @@ async def load(url: str, payloads: list[Payload], concurrency: int, seconds: flo
             "p99": float(np.percentile(lat, 99)), "answers": answers, "errors": errors}
 
 
+async def goodput(url: str, payloads: list[Payload], concurrency: int, seconds: float,
+                  warmup: float) -> dict:
+    """Closed-loop load that never backs off (a 429 is answered by the next request at once, as
+    wrk does): 200s and other answers per second, and how long /readyz takes meanwhile."""
+    counts: dict[int | str, int] = {}
+    latencies: list[float] = []
+    ready_ms: list[float] = []
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def worker(w: int) -> None:
+        conn, i = RawConnection(url), w
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    status, _ = await conn.post(payloads[i % len(payloads)])
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    status = "closed"
+                    await conn.close()
+                    conn = RawConnection(url)
+                t1 = time.perf_counter()
+                i += concurrency
+                if measure_from <= t1 < stop_at:
+                    counts[status] = counts.get(status, 0) + 1
+                    if status == 200:
+                        latencies.append(t1 - t0)
+        finally:
+            await conn.close()
+
+    async def probe() -> None:
+        conn = RawConnection(url)
+        try:
+            while time.perf_counter() < stop_at:
+                await asyncio.sleep(0.25)
+                t0 = time.perf_counter()
+                await conn.get("/readyz")
+                if time.perf_counter() >= measure_from:
+                    ready_ms.append((time.perf_counter() - t0) * 1000)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(probe(), *(worker(w) for w in range(concurrency)))
+    await until_idle(url)
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return {"ok": counts.pop(200, 0) / seconds, "other": counts, "p50": float(np.median(lat)),
+            "p99": float(np.percentile(lat, 99)),
+            "readyz": float(np.max(ready_ms)) if ready_ms else float("nan")}
+
+
+async def until_idle(url: str, limit_s: float = 60.0) -> None:
+    """Wait until the server holds no admitted or waiting request: what the clients of one cell
+    left queued when they stopped must not be served during the next cell."""
+    conn, deadline = RawConnection(url), time.perf_counter() + limit_s
+    try:
+        while time.perf_counter() < deadline:
+            _, text = await conn.get("/metrics")
+            held = re.findall(rb"^hff_(?:admitted_instances|waiting_requests) (\S+)$", text, re.M)
+            if all(float(v) == 0 for v in held):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+def goodput_sweep(args: argparse.Namespace) -> int:
+    """Goodput against offered load on the digits model (early exit off), one server."""
+    model_dir = args.digits
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    x, _ = test_images(manifest.get("dataset") or "digits")
+    print("# goodput: closed-loop clients that never back off, early exit off, "
+          f"{args.seconds:g} s per cell after {args.warmup:g} s warm-up; medians of "
+          f"{args.repeats} interleaved repeats")
+    print("| instances per request | concurrency | 200s/s | instances/s | other answers/s | "
+          "p50 ms (200s) | p99 ms (200s) | slowest /readyz ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    server = Server(model_dir, max_batch_size=args.max_batch_size)
+    try:
+        for per in args.instances:
+            payloads = [Payload("/predict", {"content-type": "application/json"},
+                                json.dumps({"instances": np.round(np.take(
+                                    x, range(i, i + per), axis=0, mode="wrap"), 4).tolist(),
+                                            "early_exit": "off"}).encode())
+                        for i in range(0, 8 * per, per)]
+            runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+            for _ in range(args.repeats):
+                for conc in args.concurrency:
+                    runs[conc].append(run_loop(goodput(server.url, payloads, conc, args.seconds,
+                                                       args.warmup)))
+            for conc in args.concurrency:
+                r = runs[conc]
+                ok = float(np.median([v["ok"] for v in r]))
+                other: dict = {}
+                for v in r:
+                    for k, n in v["other"].items():
+                        other[k] = other.get(k, 0) + n / args.seconds / len(r)
+                other_text = ", ".join(f"{k}: {n:.0f}" for k, n in sorted(other.items(), key=str)) or "0"
+                print(f"| {per} | {conc} | {ok:.1f} | {ok * per:.0f} | {other_text} | "
+                      f"{np.median([v['p50'] for v in r]):.1f} | "
+                      f"{np.median([v['p99'] for v in r]):.1f} | "
+                      f"{max(v['readyz'] for v in r):.0f} |", flush=True)
+    finally:
+        server.close()
+    return 0
+
+
 def run_loop(coroutine):
     """asyncio.run, on uvloop when it is installed: the load generator shares the server's cores,
     so every cycle it spends is taken from the server."""
@@ -288,10 +398,21 @@ def main() -> int:
     p.add_argument("--encoding", choices=["json", "binary"], nargs="+", default=["json", "binary"],
                    help="request bodies for the 3x32x32 models: JSON arrays on /predict, and/or "
                         "KServe v2 binary tensors (the digits model: JSON)")
+    p.add_argument("--goodput", action="store_true",
+                   help="instead: goodput against offered load on the digits model "
+                        "(--concurrency, --instances)")
+    p.add_argument("--instances", type=int, nargs="+", default=[1, 256],
+                   help="with --goodput: instances per request")
     p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained", "fashion-mnist"],
                    nargs="+",
                    default=["cifar-random", "digits", "cifar-trained"])
     args = p.parse_args()
+    if args.goodput:
+        print(f"# machine: {platform.processor() or platform.machine()}, "
+              f"{len(os.sched_getaffinity(0))} usable cores, load average "
+              f"{os.getloadavg()[0]:.1f}; python {platform.python_version()}, onnxruntime "
+              f"{ort.__version__}, {' '.join(sys.argv[1:])}")
+        return goodput_sweep(args)
     if "cifar-random" in args.only and not (args.cifar_random / MANIFEST_FILE).is_file():
         print(f"exporting random cifar-cnn to {args.cifar_random} ...", file=sys.stderr)
         make_random_cifar(args.cifar_random)

@@ -168,6 +168,12 @@ class Manifest(BaseModel):
             raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
         if self.stages and [s.block for s in self.stages] != list(range(1, self.num_blocks + 1)):
             raise ValueError(f"stages must list blocks 1..{self.num_blocks} in order")
+        shapes = [self.input.shape] + [s.feature_shape for s in self.stages]
+        for stage, fed in zip(self.stages, shapes, strict=False):
+            if stage.input_shape != fed:
+                raise ValueError(f"stages[{stage.block - 1}].input_shape is {stage.input_shape}, "
+                                 f"but it is fed {fed} (input.shape, then each stage's "
+                                 "feature_shape)")
         if self.early_exit is not None and len(self.early_exit.thresholds) != self.num_blocks - 1:
             raise ValueError(f"early_exit.thresholds has {len(self.early_exit.thresholds)} values, "
                              f"expected num_blocks - 1 = {self.num_blocks - 1}")
@@ -203,13 +209,20 @@ def load_manifest(model_dir: str | Path) -> Manifest:
 
 
 def check_model_dir(model_dir: str | Path, manifest: Manifest) -> None:
-    """The model dir holds what its manifest names.
-
-    The place for checks of the files against the manifest: the graphs exist (here). Checks that
-    need the graphs opened (their hash against `version`, class count and input shape) belong
-    here too when added; the service's runtime also checks the graphs' output names on load.
-    """
+    """The model dir holds what its manifest names: every graph file, inside the dir (the
+    Manifest allows only plain file names; a symlink out of the dir is refused here), and their
+    bytes hash to the manifest's `version`, so a graph from another export, or stages swapped,
+    cannot be served under this manifest. Checks that need the graphs opened (input shape, class
+    count, stage shapes) are the service runtime's, on load."""
+    root = Path(model_dir).resolve()
     for name in manifest.graph_files:
-        if not (Path(model_dir) / name).is_file():
-            raise ModelDirError(f"{Path(model_dir) / name} is missing (named in "
-                                f"{Path(model_dir) / MANIFEST_FILE})")
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ModelDirError(f"{path} is missing (named in {Path(model_dir) / MANIFEST_FILE})")
+        if path.resolve().parent != root:
+            raise ModelDirError(f"{path} points outside the model dir (to {path.resolve()})")
+    version = graphs_version(model_dir, manifest.graph_files)
+    if version != manifest.version:
+        raise ModelDirError(f"the graphs in {model_dir} hash to version {version}, but "
+                            f"{Path(model_dir) / MANIFEST_FILE} says {manifest.version}: a graph "
+                            "was replaced or swapped after export (export the run again)")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +115,8 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
     cfg = config.model
     heldout = load_heldout(run_dir, cfg.num_blocks, cfg.num_classes)
     _check_target(run_dir, out)
+    started = time.time()
+    remove_stale_temp_dirs(out, started)
     tmp = _make_temp_dir(out)
     try:
         result = _export_into(tmp, config, net, name or out.resolve().name, opset, epsilon, atol,
@@ -188,10 +192,42 @@ def _check_target(run_dir: Path, out: Path) -> None:
                               "replace what is not a model dir")
 
 
+def _temp_prefix(out: Path) -> str:
+    """Our temp dirs beside `out`: `.NAME.PID.XXXXXXXX.tmp` (and `.old`); the pid says whose."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def remove_stale_temp_dirs(out: Path, started: float) -> None:
+    """Remove the temp dirs an earlier export to `out` left when it was killed (kill -9 runs no
+    cleanup): directories named by this exporter's pattern beside `out`, older than this run,
+    whose process is gone. Nothing else is touched."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|old)")
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if path.stat().st_mtime >= started or (match[1] and _alive(int(match[1]))):
+            continue  # made during this run, or an export still running
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an earlier export that did not finish", path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _make_temp_dir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}") from None
 
@@ -202,7 +238,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".old", dir=out.parent))
     os.replace(out, old / "dir")  # out is gone only for the instant between the two renames
     try:
         os.replace(tmp, out)

@@ -10,9 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from app import __version__
-from app.decoding import decode_binary_tensor, decode_tensor, media_type, parse_json_body
+from app.decoding import (
+    decode_binary_tensor,
+    decode_tensor,
+    max_values,
+    media_type,
+    parse_json_body,
+)
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, error_response
+from app.errors import ClientError, error_response, excerpt
 from app.schemas import (
     ErrorResponse,
     V2InferRequest,
@@ -21,7 +27,7 @@ from app.schemas import (
     V2Tensor,
     inline_refs,
 )
-from app.service import Service
+from app.service import INLINE_DECODE_BYTES, Service
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], dependencies=[ApiKey])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -30,7 +36,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _check_name(service, name: str) -> None:
     if name != service.manifest.name:
-        raise ClientError(404, f"unknown model {name!r} (this server serves "
+        raise ClientError(404, f"unknown model {excerpt(name)} (this server serves "
                                f"{service.manifest.name!r})")
 
 
@@ -79,16 +85,31 @@ _INFER_BODY = {"required": True, "content": {
 async def infer(name: str, request: Request, service: ServiceDep) -> JSONResponse:
     """Run inference on an FP32 tensor named `input` of shape [N, C, H, W]."""
     _check_name(service, name)
-    header, binary = _split_body(request.headers, await request.body())
-    req = parse_json_body(V2InferRequest, header, '{"inputs": [...]}')
-    inputs = {t.name: t for t in req.inputs}
-    if "input" not in inputs or len(inputs) != 1:
-        raise ClientError(422, f"expected one input tensor named 'input', got {sorted(inputs)}")
-    tensor = inputs["input"]
+    async with service.admit(request.headers) as ticket:
+        header, binary = _split_body(request.headers, await request.body())
+        heavy = len(header) > INLINE_DECODE_BYTES
+        req, x = await service.decode(ticket, heavy, _decode, header, binary, service)
+        mode = req.parameters.early_exit if req.parameters else None
+        job = await service.infer(x, mode, ticket)
+        return _response(name, req, job, service)
+
+
+def _decode(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequest, np.ndarray]:
+    limit = max_values(service.spec, service.settings.MAX_INSTANCES)
+    req = parse_json_body(V2InferRequest, header, '{"inputs": [...]}', limit)
+    names = [t.name for t in req.inputs]
+    if len(names) != len(set(names)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ClientError(400, f"input names must be unique; {excerpt(twice)} appear more than once")
+    if names != ["input"]:
+        raise ClientError(422, f"expected one input tensor named 'input', got {excerpt(names)}")
+    tensor = req.inputs[0]
     if tensor.datatype.upper() != "FP32":
-        raise ClientError(422, f"inputs[0].datatype is {tensor.datatype!r}, expected 'FP32'")
-    x = _input_array(tensor, binary, service)
-    job = await service.infer(x, req.parameters.early_exit if req.parameters else None)
+        raise ClientError(422, f"inputs[0].datatype is {excerpt(tensor.datatype)}, expected 'FP32'")
+    return req, _input_array(tensor, binary, service)
+
+
+def _response(name: str, req: V2InferRequest, job, service: Service) -> JSONResponse:
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     # A built response skips re-validating what this code just made against response_model
@@ -116,16 +137,16 @@ def _split_body(headers: Headers, body: bytes) -> tuple[bytes, bytes]:
         if ctype != "application/json":
             hint = (" (binary tensors also need the Inference-Header-Content-Length header)"
                     if ctype == "application/octet-stream" else "")
-            raise ClientError(415, f"content type {ctype!r} is not accepted: send "
+            raise ClientError(415, f"content type {excerpt(ctype)} is not accepted: send "
                                    f"application/json{hint}")
         return body, b""
     if ctype not in ("application/json", "application/octet-stream"):
-        raise ClientError(415, f"content type {ctype!r} is not accepted: send "
+        raise ClientError(415, f"content type {excerpt(ctype)} is not accepted: send "
                                "application/octet-stream or application/json")
     try:
         length = int(raw_length)
     except ValueError:
-        raise ClientError(400, f"Inference-Header-Content-Length is {raw_length!r}, expected the "
+        raise ClientError(400, f"Inference-Header-Content-Length is {excerpt(raw_length)}, expected the "
                                "JSON header's size in bytes") from None
     if not 0 < length <= len(body):
         raise ClientError(400, f"Inference-Header-Content-Length is {length}, but the body has "
@@ -147,6 +168,6 @@ def _input_array(tensor: V2Tensor, binary: bytes, service: Service) -> np.ndarra
     if tensor.data is not None:
         raise ClientError(422, "inputs[0] has both data and parameters.binary_data_size; send one")
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise ClientError(400, f"inputs[0].parameters.binary_data_size is {size!r}, but "
+        raise ClientError(400, f"inputs[0].parameters.binary_data_size is {excerpt(size)}, but "
                                f"{len(binary)} bytes follow the JSON header")
     return decode_binary_tensor(binary, tensor.shape, "inputs[0]", spec, limit)

@@ -9,16 +9,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
+from app.admission import Ticket
 from app.decoding import (
     check_count,
     decode_image,
     decode_instances,
+    max_values,
     media_type,
     parse_json_body,
 )
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError
+from app.errors import ClientError, excerpt
 from app.schemas import (
     ErrorResponse,
     PredictOptions,
@@ -26,6 +29,7 @@ from app.schemas import (
     PredictResponse,
     inline_refs,
 )
+from app.service import INLINE_DECODE_BYTES, Service
 from contract.pydantic_errors import describe_errors
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
@@ -51,25 +55,44 @@ _BODY = {
 }
 
 
-async def _parse_multipart(request: Request, service) -> tuple[Any, PredictOptions]:
+async def _parse_multipart(request: Request, service: Service,
+                           ticket: Ticket) -> tuple[np.ndarray, PredictOptions]:
     max_files = service.settings.MAX_INSTANCES
-    form = await request.form(max_files=max_files + 1, max_fields=16,
-                              max_part_size=service.settings.MAX_BODY_BYTES)
+    try:
+        form = await request.form(max_files=max_files, max_fields=16,
+                                  max_part_size=service.settings.MAX_BODY_BYTES)
+    except HTTPException as e:  # python-multipart's limits; the README promises 413 for counts
+        if e.status_code == 400 and str(e.detail).startswith(("Too many files", "Too many fields")):
+            what = "uploaded files" if "files" in str(e.detail) else "form fields"
+            limit = max_files if what == "uploaded files" else 16
+            raise ClientError(413, f"more than {limit} {what} in one request (the limit; "
+                                   "HFF_MAX_INSTANCES for files)") from None
+        raise
     files = [(name, v) for name, v in form.multi_items() if isinstance(v, UploadFile)]
     check_count(len(files), max_files, "uploaded files")
-    rows = []
-    for i, (name, upload) in enumerate(files):
-        data = await upload.read()
-        rows.append(decode_image(data, f"file {i} ({name}={upload.filename!r})", service.spec))
+    images = [(await upload.read(), f"file {i} ({name}={excerpt(upload.filename)})")
+              for i, (name, upload) in enumerate(files)]
+    x = await service.decode(ticket, True, decode_images, images, service.spec)
     fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
     unknown = set(fields) - set(PredictOptions.model_fields)
     if unknown:
-        raise ClientError(422, f"unknown form fields {sorted(unknown)}; the options are "
+        raise ClientError(422, f"unknown form fields {excerpt(sorted(unknown))}; the options are "
                                f"{', '.join(PredictOptions.model_fields)}")
     try:
-        return rows, PredictOptions.model_validate(fields)
+        return x, PredictOptions.model_validate(fields)
     except ValidationError as e:
         raise ClientError(422, describe_errors(e, root="form")) from None
+
+
+def decode_images(images: list[tuple[bytes, str]], spec) -> np.ndarray:
+    """Uploaded images -> (N, C, H, W), on a decode thread."""
+    return np.stack([decode_image(data, where, spec) for data, where in images])
+
+
+def _decode_json(body: bytes, service: Service) -> tuple[PredictRequest, np.ndarray]:
+    req = parse_json_body(PredictRequest, body, '{"instances": [...]}',
+                          max_values(service.spec, service.settings.MAX_INSTANCES))
+    return req, decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
@@ -77,16 +100,17 @@ async def _parse_multipart(request: Request, service) -> tuple[Any, PredictOptio
 async def predict(request: Request, service: ServiceDep) -> JSONResponse:
     """Classify instances; each answer names the block that made the decision."""
     ctype = media_type(request.headers)
-    if ctype == "application/json" or ctype.endswith("+json"):
-        req = parse_json_body(PredictRequest, await request.body(), '{"instances": [...]}')
-        x = decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
-        options: PredictOptions = req
-    elif ctype == "multipart/form-data":
-        rows, options = await _parse_multipart(request, service)
-        x = np.stack(rows)  # N x (C, H, W) -> (N, C, H, W)
-    else:
-        raise ClientError(415, f"content type {ctype or '(none)'!r} is not accepted: send "
+    if not (ctype in ("application/json", "multipart/form-data") or ctype.endswith("+json")):
+        raise ClientError(415, f"content type {excerpt(ctype or '(none)')} is not accepted: send "
                                "application/json or multipart/form-data")
-    job = await service.infer(x, options.early_exit, options.return_blocks)
-    return JSONResponse({"model": service.model_ref(),
-                         "predictions": service.predictions(job, options.top_k)})
+    async with service.admit(request.headers) as ticket:
+        options: PredictOptions
+        if ctype == "multipart/form-data":
+            x, options = await _parse_multipart(request, service, ticket)
+        else:
+            body = await request.body()
+            heavy = len(body) > INLINE_DECODE_BYTES or b'"b64"' in body
+            options, x = await service.decode(ticket, heavy, _decode_json, body, service)
+        job = await service.infer(x, options.early_exit, ticket, options.return_blocks)
+        return JSONResponse({"model": service.model_ref(),
+                             "predictions": service.predictions(job, options.top_k)})

@@ -371,3 +371,40 @@ def test_api_key_guards_predictions_and_models_but_not_health(server, api_key, d
         assert c.get("/v2/models/digits").status_code == 401
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"):
             assert c.get(path).status_code == 200, path
+
+
+def tiny_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("count", [65, 66, 1000])
+def test_too_many_uploaded_files_is_413(client, count):
+    """Issue 17 row 10: over the file limit is 413 as the README says, however far over."""
+    files = [("file", (f"{i}.png", tiny_png(), "image/png")) for i in range(count)]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 413 and "uploaded files" in r.json()["error"], r.text
+
+
+def test_trailing_slash_never_redirects_to_the_clients_host(server):
+    """Issue 17 row 12: no redirect built from the Host header."""
+    r = httpx.get(server.url + "/static/app.js/", headers={"Host": "evil.example"})
+    assert r.status_code == 404 and "evil.example" not in r.headers.get("location", "")
+
+
+def test_duplicate_kserve_input_names_are_a_400(client, ref):
+    """Issue 17 row 13: two tensors named 'input' are refused, not last-one-wins."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    r = client.post(f"/v2/models/{ref.manifest['name']}/infer", json={"inputs": [tensor, tensor]})
+    assert r.status_code == 400 and "unique" in r.json()["error"], r.text
+
+
+def test_an_empty_api_key_header_beside_a_valid_bearer_is_accepted(server, api_key):
+    """Issue 17 row 13: the Bearer key counts when X-API-Key is present but empty."""
+    r = httpx.post(server.url + "/predict", json={"instances": [GOOD]},
+                   headers={"X-API-Key": "", "Authorization": f"Bearer {api_key}"})
+    assert r.status_code == 200, r.text
+    wrong = httpx.post(server.url + "/predict", json={"instances": [GOOD]},
+                       headers={"X-API-Key": "wrong-key-000", "Authorization": f"Bearer {api_key}"})
+    assert wrong.status_code == 401

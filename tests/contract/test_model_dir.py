@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,12 +18,15 @@ from contract.model_dir import (
 )
 from tests.conftest import REPO
 
+GRAPHS = ["model.onnx", "stage_1.onnx", "stage_2.onnx"]
+VERSION = hashlib.sha256("".join(GRAPHS).encode()).hexdigest()[:16]  # of write_model_dir's files
+
 
 def manifest_dict(**changes) -> dict:
-    m = {"format_version": 1, "name": "m", "version": "v", "class_names": ["a", "b"],
+    m = {"format_version": 1, "name": "m", "version": VERSION, "class_names": ["a", "b"],
          "input": {"shape": [1, 8, 8]}, "num_classes": 2, "num_blocks": 2,
-         "stages": [{"block": k, "file": f"stage_{k}.onnx", "input_shape": [1, 8, 8],
-                     "feature_shape": [4, 8, 8]} for k in (1, 2)],
+         "stages": [{"block": k, "file": f"stage_{k}.onnx", "input_shape": shape,
+                     "feature_shape": [4, 8, 8]} for k, shape in ((1, [1, 8, 8]), (2, [4, 8, 8]))],
          "early_exit": {"thresholds": [0.9]}}
     m.update(changes)
     return m
@@ -30,7 +34,7 @@ def manifest_dict(**changes) -> dict:
 
 def write_model_dir(path, manifest: dict) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    for name in ["model.onnx", "stage_1.onnx", "stage_2.onnx"]:
+    for name in GRAPHS:
         (path / name).write_bytes(name.encode())
 
 
@@ -100,3 +104,19 @@ def test_the_service_and_the_contract_never_load_torch_model_or_training():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_graphs_must_hash_to_the_manifest_version(tmp_path):
+    """Issue 17 row 8: a graph from another export (or stages swapped) is refused."""
+    write_model_dir(tmp_path, manifest_dict())
+    (tmp_path / "stage_2.onnx").write_bytes(b"another export's stage")
+    with pytest.raises(ModelDirError, match="hash to version"):
+        load_manifest(tmp_path)
+
+
+def test_stage_shapes_must_chain(tmp_path):
+    stages = manifest_dict()["stages"]
+    stages[1]["input_shape"] = [1, 8, 8]
+    write_model_dir(tmp_path, manifest_dict(stages=stages))
+    with pytest.raises(ModelDirError, match=r"stages\[1\].input_shape is \[1, 8, 8\], but it is fed"):
+        load_manifest(tmp_path)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ from model import export, export_cli, onnx_graphs, onnx_verify
 from model.checkpoint import load_checkpoint
 from model.config import preset_config
 from model.hff import HFFNet
+from tests.conftest import REPO, run_module
 
 MANIFEST_KEYS = {
     "format_version", "name", "version", "preset", "dataset", "family", "input", "normalization",
@@ -360,6 +366,37 @@ def test_digits_early_exit_meets_the_target(digits_export):
     cost = np.cumsum([s["macs"] for s in m["stages"]]) / sum(s["macs"] for s in m["stages"])
     assert cost[exits].mean() <= 0.8
     assert ee["test_compute_fraction"] <= 0.8
+
+
+@pytest.mark.slow
+def test_temp_dirs_of_a_killed_export_are_removed_by_the_next(tiny_run, tmp_path):
+    """Issue 17 row 11: kill -9 mid-export leaves a hidden temp dir beside --out; the next export
+    to the same --out removes it, and nothing that is not its own."""
+    out = tmp_path / "models" / "m"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "model.export_cli", str(tiny_run), "--out", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.parent.glob(".m.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(out.parent.glob(".m.*.tmp"))
+    assert len(left) == 1, list(out.parent.iterdir())
+    kept = [out.parent / ".other.abcdefgh.tmp", out.parent / "m.abcdefgh.tmp",
+            out.parent / f".m.{os.getpid()}.abcdefgh.tmp"]  # another name, not hidden, alive
+    for d in kept:
+        d.mkdir()
+    (out.parent / ".m.zyxwvuts.tmp").write_text("a file, not a dir")
+    kept.append(out.parent / ".m.zyxwvuts.tmp")
+    past = time.time() - 3600
+    for p in [*kept, *left]:
+        os.utime(p, (past, past))
+    run_module("model.export_cli", str(tiny_run), "--out", str(out), timeout=600).check_returncode()
+    assert (out / "manifest.json").is_file()
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["m", *(p.name for p in kept)])
 
 
 def test_help_shows_only_the_defaults_that_say_something(capsys):

@@ -1,0 +1,142 @@
+"""Admission control: how much work the server takes on, decided before a request's body is read.
+
+A request reserves rows (instances) and body bytes before its body is read: its Content-Length
+gives the bytes, and an upper bound on its rows (no instance can be encoded in fewer than
+`MIN_ROW_BYTES` bytes; at most `max_instances`). Once the body is parsed the reservation is
+settled to the real row count, and it is released when the request ends. Requests that do not
+fit wait in arrival order, their bodies unread (uvicorn stops reading a socket whose request is
+not being read), for at most `max_wait_s`, then get 429 with Retry-After. So the work accepted is
+bounded in rows (`HFF_QUEUE_BOUND`) and bytes (`HFF_QUEUE_BYTES`), a refusal costs no parsing,
+and a client that keeps sending more than the server can do waits instead of spinning on 429s:
+the batcher stays busy with the requests it has, and goodput holds at capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from dataclasses import dataclass
+
+from app.errors import ClientError
+from app.metrics import Metrics
+
+# The fewest bytes one instance can take in any accepted encoding: a tiny PNG in base64 inside
+# {"b64": ...} (about 100 bytes), a multipart part, or 2 bytes per number ("0,") of a JSON array.
+MIN_ROW_BYTES = 64
+
+
+class Busy(ClientError):
+    def __init__(self, message: str):
+        super().__init__(429, message, {"Retry-After": "1"})
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's share of the admitted work."""
+
+    rows: int
+    nbytes: int
+    deadline: float  # loop.time() by which the request must be answered (HFF_REQUEST_TIMEOUT_S)
+    admitted: bool = False
+
+
+class Admission:
+    """Admitted rows and bytes against their bounds, and the FIFO of requests waiting for room."""
+
+    def __init__(self, max_rows: int, max_bytes: int, max_wait_s: float, max_instances: int,
+                 metrics: Metrics):
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_wait_s = max_wait_s
+        self.max_instances = max_instances
+        self.metrics = metrics
+        self.rows = 0
+        self.nbytes = 0
+        self._waiting: collections.deque[tuple[Ticket, asyncio.Future]] = collections.deque()
+
+    def estimate_rows(self, content_length: int | None) -> int:
+        """The most instances a body of this size can hold (max_instances when unknown)."""
+        if content_length is None:
+            return self.max_instances
+        return max(1, min(self.max_instances, math.ceil(content_length / MIN_ROW_BYTES)))
+
+    def _fits(self, ticket: Ticket) -> bool:
+        if self.rows == 0 and self.nbytes == 0:
+            return True  # the first request always fits, even one bigger than the bounds
+        return (self.rows + ticket.rows <= self.max_rows
+                and self.nbytes + ticket.nbytes <= self.max_bytes)
+
+    def _take(self, ticket: Ticket) -> None:
+        ticket.admitted = True
+        self.rows += ticket.rows
+        self.nbytes += ticket.nbytes
+        self._publish()
+
+    async def acquire(self, content_length: int | None, body_limit: int, deadline: float) -> Ticket:
+        """Reserve room for a request, waiting in line for it; 429 when none comes in time."""
+        ticket = Ticket(self.estimate_rows(content_length),
+                        body_limit if content_length is None else content_length, deadline)
+        if not self._waiting and self._fits(ticket):
+            self._take(ticket)
+            return ticket
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        entry = (ticket, future)
+        self._waiting.append(entry)
+        self._publish()
+        try:
+            wait = min(self.max_wait_s, deadline - loop.time())
+            await asyncio.wait_for(future, max(0.0, wait))
+        except TimeoutError:
+            if not ticket.admitted:
+                raise Busy(f"the server is busy: {self.rows} instances and {self.nbytes >> 20} MB "
+                           f"of requests ahead, and no room came within {self.max_wait_s:g}s "
+                           "(HFF_QUEUE_BOUND, HFF_QUEUE_BYTES, HFF_QUEUE_WAIT_S); retry later") from None
+        except BaseException:  # cancelled (the client left) or refused at shutdown
+            self.release(ticket)  # in case room was given to it a moment before
+            raise
+        finally:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+                self._publish()
+                self._wake()  # the line moved: the next one may fit now
+        return ticket
+
+    def settle(self, ticket: Ticket, rows: int) -> None:
+        """The body is parsed: hold the request's real row count instead of the estimate."""
+        self.rows += rows - ticket.rows
+        ticket.rows = rows
+        self._publish()
+        self._wake()
+
+    def release(self, ticket: Ticket) -> None:
+        if not ticket.admitted:
+            return
+        ticket.admitted = False
+        self.rows -= ticket.rows
+        self.nbytes -= ticket.nbytes
+        self._publish()
+        self._wake()
+
+    def refuse_waiting(self, error: ClientError) -> None:
+        """Shutdown: everyone still in line gets `error` now."""
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self._publish()
+
+    def _wake(self) -> None:
+        while self._waiting and self._fits(self._waiting[0][0]):
+            ticket, future = self._waiting.popleft()
+            if future.done():  # gave up (timeout) a moment ago
+                continue
+            self._take(ticket)
+            future.set_result(None)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.metrics.admitted_rows.set(self.rows)
+        self.metrics.admitted_bytes.set(self.nbytes)
+        self.metrics.waiting_requests.set(len(self._waiting))

@@ -1,0 +1,140 @@
+"""The outermost ASGI layer: request metrics, the body deadline, clients that go away, and
+requests cut at shutdown.
+
+Every request path is protected by this layer whatever route or server runs it: a new request
+path (a leaner handler, another ASGI server) only has to stay inside `create_app`'s middleware
+stack, read the body through the `receive` it is given, and let cancellation propagate.
+
+- Body deadline: the whole body must arrive within `body_timeout` seconds of the first read, or
+  the request is answered 408 and the connection closed (nginx's client_body_timeout, as a total).
+- A client that disconnects is a 499 (nginx's code for it) in the metrics and one log line; once
+  its body is read, its handler is cancelled so no more work is done for it (the service drops
+  its queued rows).
+- A request still open when the server's graceful-shutdown timeout cuts it (uvicorn cancels the
+  task) is answered 408 if its body had not arrived, else 503, and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ClientError
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+
+
+class BodyTimeout(ClientError):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g}s "
+                              "(HFF_BODY_TIMEOUT_S)", {"Connection": "close"})
+
+
+@dataclass
+class _Exchange:
+    status: int = 500
+    started: bool = False  # response headers sent
+    complete: bool = False  # response body sent
+    body_done: bool = False  # the app has read the whole request body
+    disconnected: bool = False  # the client left before its answer was sent
+
+
+class RequestGuard:
+    """Wraps the app: see the module docstring."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, body_timeout: float):
+        self.app = app
+        self.metrics = metrics
+        self.body_timeout = body_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        ex = _Exchange()
+        deadline: float | None = None
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ex.status, ex.started = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ex.complete = True
+            await send(message)
+
+        task = asyncio.current_task()
+        watcher: asyncio.Task | None = None
+
+        async def watch_disconnect() -> None:
+            """After the body: the next message is http.disconnect, when the client leaves or
+            once the response is complete."""
+            if (await receive())["type"] == "http.disconnect" and not ex.complete:
+                ex.disconnected = True
+                if task is not None:
+                    task.cancel()  # stop the handler: nobody will read its answer
+
+        async def receiving() -> Message:
+            nonlocal deadline, watcher
+            if ex.body_done or ex.disconnected:
+                return {"type": "http.disconnect"} if ex.disconnected else await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
+            if message["type"] == "http.disconnect":
+                ex.disconnected = not ex.complete  # Starlette raises ClientDisconnect: a 499
+            elif not message.get("more_body", False):
+                ex.body_done = True
+                watcher = asyncio.create_task(watch_disconnect())
+            return message
+
+        try:
+            await self.app(scope, receiving, sending)
+        except asyncio.CancelledError:
+            if task is not None and ex.disconnected:
+                task.uncancel()  # our own cancel: the client left
+            else:
+                await self._cut(scope, ex, send)  # the server's shutdown timeout cut it
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if ex.disconnected:
+            ex.status = CLIENT_CLOSED
+            log.info("client went away: %s %s after %.2fs, %s (499)", scope["method"],
+                     scope["path"], time.perf_counter() - start,
+                     "before its body arrived" if not ex.body_done else "before its answer")
+        route = scope.get("route")
+        # Route templates, never raw paths: unknown paths must not grow the label set.
+        label = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(route=label, status=str(ex.status)).inc()
+        self.metrics.latency.labels(route=label).observe(time.perf_counter() - start)
+
+    @staticmethod
+    async def _cut(scope: Scope, ex: _Exchange, send: Send) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled here: the request ends with the answer below
+        log.warning("cut at shutdown (HFF_SHUTDOWN_TIMEOUT_S): %s %s %s", scope["method"],
+                    scope["path"], "before its body arrived" if not ex.body_done else "unanswered")
+        if ex.started:
+            return
+        status, text = ((408, "the server is shutting down and the request body had not arrived")
+                        if not ex.body_done else
+                        (503, "the server shut down before this request was answered"))
+        body = b'{"error": "' + text.encode() + b'"}'
+        ex.status, ex.started, ex.complete = status, True, True
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), (b"retry-after", b"5")]})
+        await send({"type": "http.response.body", "body": body})
