@@ -331,13 +331,44 @@
     for (let i = 0; i < h * w; i++) {
       for (let c = 0; c < 3; c++) rgb[c * h * w + i] = data[4 * i + c] / 255;
     }
-    state.image = { name: file.name, width: w, height: h, rgb };
+    // Fit, not stretch: pad the photo to the model's aspect ratio with its own border colour, so
+    // a garment keeps its shape in the 28x28 input (Fashion-MNIST's images are made that way).
+    const fitted = letterbox(rgb, h, w, state.H / state.W);
+    state.image = { name: file.name, width: fitted.w, height: fitted.h, rgb: fitted.rgb };
     state.strokes = [];
-    // Photos of paper are dark ink on a light background, the inverse of the training digits.
+    // Photos of paper (and product shots) are dark on a light background, the inverse of the
+    // training images (light ink or garment on black).
     $("invert-check").checked = borderMean(rgb, h, w) > 0.5;
     showError("");
     redrawCanvas();
     inputChanged();
+  }
+
+  // (3, h, w) planes padded, centred, to aspect ratio h/w = `aspect`, each channel filled with
+  // the mean of its border pixels (the photo's background).
+  function letterbox(rgb, h, w, aspect) {
+    const H = Math.max(h, Math.round(w * aspect));
+    const W = Math.max(w, Math.round(h / aspect));
+    if (H === h && W === w) return { rgb, h, w };
+    const out = new Float32Array(3 * H * W);
+    const top = Math.floor((H - h) / 2);
+    const left = Math.floor((W - w) / 2);
+    for (let c = 0; c < 3; c++) {
+      const src = rgb.subarray(c * h * w, (c + 1) * h * w);
+      let sum = 0;
+      let n = 0;
+      for (let y = 0; y < h; y++) {
+        for (let x = 0; x < w; x++) {
+          if (y !== 0 && y !== h - 1 && x !== 0 && x !== w - 1) continue;
+          sum += src[y * w + x];
+          n++;
+        }
+      }
+      const plane = out.subarray(c * H * W, (c + 1) * H * W);
+      plane.fill(n ? sum / n : 0);
+      for (let y = 0; y < h; y++) plane.set(src.subarray(y * w, (y + 1) * w), (top + y) * W + left);
+    }
+    return { rgb: out, h: H, w: W };
   }
 
   function borderMean(rgb, h, w) {
@@ -778,7 +809,7 @@
   }
 
   // A handle for tests and for curious users in the console.
-  window.hffDemo = { state, areaResize };
+  window.hffDemo = { state, areaResize, letterbox };
 
   syncExitControls();
   loadModel();

@@ -96,6 +96,33 @@ def test_block_macs_follow_the_formula():
     assert mlp.training
 
 
+def test_fmnist_cnn_graphs_match_torch(tmp_path):
+    """The Fashion-MNIST preset (4 blocks, 28 -> 14 -> 7 -> 7 -> 3) exports whole and in stages,
+    and onnxruntime gives torch's probabilities at batch 1 and 5; MACs per block as documented."""
+    from contract.model_dir import FULL_GRAPH, STAGE_OUTPUTS, full_graph_outputs, stage_file
+    from training.data import FASHION_CLASSES
+
+    cfg = preset_config("fmnist-cnn", class_names=FASHION_CLASSES)
+    torch.manual_seed(0)
+    net = HFFNet(cfg).eval()
+    full = onnx_graphs.FullGraph(net).eval()
+    example = torch.rand(onnx_graphs.EXAMPLE_BATCH, *cfg.input_shape)
+    onnx_graphs.export_graph(full, example, tmp_path / FULL_GRAPH, full_graph_outputs(cfg.num_blocks),
+                             onnx_verify.DEFAULT_OPSET)
+    h = example
+    for k in range(1, cfg.num_blocks + 1):
+        stage = onnx_graphs.StageGraph(net, k - 1).eval()
+        onnx_graphs.export_graph(stage, h, tmp_path / stage_file(k), STAGE_OUTPUTS,
+                                 onnx_verify.DEFAULT_OPSET)
+        with torch.no_grad():
+            h, _ = stage(h)
+    assert tuple(h.shape[1:]) == (192, 3, 3)
+    assert onnx_verify.verify_parity(full, tmp_path, cfg.num_blocks, cfg.input_shape,
+                                     batches=(1, 5)) <= onnx_verify.PARITY_ATOL
+    macs = onnx_graphs.block_macs(net, cfg.input_shape)
+    assert macs[-1] > macs[0] and sum(macs) < 20_000_000  # the cheap 28x28 block, ~18 M in all
+
+
 @pytest.mark.parametrize("opset", ["17", "99"])
 def test_unsupported_opset_is_one_line(tmp_path, capsys, opset):
     assert export_cli.main([str(tmp_path), "--out", str(tmp_path / "m"), "--opset", opset]) == 2
