@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from app.errors import ClientError
 from app.metrics import Metrics
@@ -39,6 +40,7 @@ class Ticket:
     nbytes: int
     deadline: float  # loop.time() by which the request must be answered (HFF_REQUEST_TIMEOUT_S)
     admitted: bool = False
+    started: float = field(default_factory=time.monotonic)  # when the request asked for room
 
 
 class Admission:

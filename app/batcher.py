@@ -1,30 +1,50 @@
-"""Dynamic batcher with per-sample early exit (docs/architecture.md, "The batcher and early exit").
+"""Dynamic batcher with per-sample early exit and stage-level scheduling (docs/architecture.md,
+"The batcher and early exit").
 
-Requests are queued as row ranges. The collector takes what is queued (up to max_batch_size);
-it waits for more only while the service is under load (the batch is not a lone row and the last
-one was not either) and only until the oldest queued row has waited max_wait, so a lone request
-never sits out the batch window. One worker thread runs the batch stage by stage: after each stage
-the rows whose confidence reaches their threshold are answered at once and the rest are compacted
-and go on. Rows with early exit off run model.onnx in one call.
+Each stage (block) has its own queue. New rows join stage 1's; after a stage runs, the rows whose
+confidence reaches their threshold are answered at once and the others join the next stage's
+queue with the features the stage produced. One worker thread runs one stage at a time; between
+calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
+
+  - `stage` (default): the fullest queue (rows up to max_batch_size), the deeper stage on a
+    tie; but a stage whose oldest row has waited there longer than the batch window plus one
+    pass of the network (the recent time of a stage call x the number of blocks) goes first,
+    the deepest such. Fullest-first is what raises throughput: under load the rows that leave
+    early make room in stage 1 for new arrivals at once, and the survivors of several stage-1
+    batches fill one batch of stage 2 instead of each running as a small remnant; the age
+    bound keeps survivors from starving behind a stage 1 that is always full.
+  - `batch` (run-to-the-end, the classic batcher): always the deepest non-empty stage, so a
+    batch's survivors run to the last block before stage 1 takes new rows.
+
+When stage 1 would run a partial batch and no other stage has work, it waits for more rows
+under load only (the batch is not a lone row and the last one was not either), until its
+oldest row has waited max_wait, so a lone request never sits out the batch window. Rows with
+early exit off run model.onnx in one call. 'auto' rows take their thresholds from the load
+controller (app.controller) when their stage runs. A row whose request deadline (deadline_ms)
+has passed before its next stage starts is answered from the block it reached; one that reached
+none yet fails its request with DeadlineExpired (503).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from app.controller import LoadController
 from app.metrics import Metrics
 from app.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
+
+Scheduling = Literal["stage", "batch"]
 
 
 class QueueFull(Exception):
@@ -35,6 +55,10 @@ class ShuttingDown(Exception):
     """The batcher no longer accepts work: answer 503 with Retry-After."""
 
 
+class DeadlineExpired(Exception):
+    """The request's deadline passed before any of its rows reached a block: answer 503."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request's rows and, as they arrive, their results."""
@@ -43,9 +67,14 @@ class Job:
     thresholds: np.ndarray | None  # (L-1,) per-block exit thresholds (inf = never); None = off
     return_blocks: bool
     future: asyncio.Future
+    adaptive: bool = False  # 'auto': the load controller's current point decides the thresholds
+    deadline: float | None = None  # time.monotonic() by which rows must start their next block
     enqueued: float = field(default_factory=time.monotonic)
+    arrived: float | None = None  # when the request arrived (before admission); None: enqueued
     probs: np.ndarray | None = None  # (n, num_classes): the exit block's probabilities
     exit_block: np.ndarray | None = None  # (n,) 1-based
+    operating_point: np.ndarray | None = None  # (n,) index of the point that answered; -1 none
+    deadline_missed: np.ndarray | None = None  # (n,) answered early because the deadline passed
     blocks: list[list[dict[str, Any]]] | None = None  # per row, every block that ran
     remaining: int = 0
     abandoned: bool = False  # the caller gave up (timeout): skip rows not started yet
@@ -54,61 +83,82 @@ class Job:
         n = self.x.shape[0]
         self.remaining = n
         self.exit_block = np.zeros(n, dtype=np.int64)
+        self.operating_point = np.full(n, -1, dtype=np.int64)
+        self.deadline_missed = np.zeros(n, dtype=bool)
         if self.return_blocks:
             self.blocks = [[] for _ in range(n)]
 
 
-@dataclass
-class Chunk:
-    job: Job
-    lo: int
-    hi: int
+@dataclass(eq=False)
+class Segment:
+    """Rows waiting for one stage, in request order: rows of one job are contiguous."""
+
+    jobs: list[Job]  # per row: its request
+    rows: np.ndarray  # per row: its position in the request
+    features: Any  # (n, ...) the stage's input: images for stage 1, then the last features
+    probs: np.ndarray | None  # (n, num_classes) the last block's output; None before block 1
+    entered: float = field(default_factory=time.monotonic)  # joined this stage's queue
 
     @property
-    def rows(self) -> int:
-        return self.hi - self.lo
+    def size(self) -> int:
+        return len(self.rows)
+
+
+def job_runs(jobs: list[Job]) -> list[tuple[Job, int, int]]:
+    """(job, start, stop) of each run of consecutive rows of one request."""
+    runs, start = [], 0
+    for job, group in itertools.groupby(jobs):
+        n = sum(1 for _ in group)
+        runs.append((job, start, start + n))
+        start += n
+    return runs
 
 
 class Batcher:
-    """Queue + collector task + one inference thread, for one ModelRuntime."""
+    """Per-stage queues + a scheduler task + one inference thread, for one ModelRuntime."""
 
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
-                 max_wait_ms: float = 2.0, queue_bound: int = 4096):
+                 max_wait_ms: float = 2.0, queue_bound: int = 4096,
+                 scheduling: Scheduling = "stage", controller: LoadController | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more (e.g. 2.0), got {max_wait_ms}")
         if queue_bound < 1:
             raise ValueError(f"queue_bound must be at least 1 (e.g. 4096), got {queue_bound}")
+        if scheduling not in ("stage", "batch"):
+            raise ValueError(f"scheduling must be 'stage' or 'batch', got {scheduling!r}")
         self.runtime = runtime
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.queue_bound = queue_bound
+        self.scheduling = scheduling
+        self.controller = controller
         self.num_blocks = runtime.manifest.num_blocks
-        self._queue: collections.deque[Chunk] = collections.deque()
-        self._queued_rows = 0
+        self._queues: list[list[Segment]] = [[] for _ in range(self.num_blocks)]
+        self._queued = [0] * self.num_blocks  # rows per stage queue
         self._in_flight = 0  # accepted rows not answered yet
+        self._stage_seconds = 0.0  # recent duration of one stage call (smoothed)
+        self._busy = 0.0  # inference seconds not yet reported to the controller
         self._arrived = asyncio.Event()
         self._closing = False
         self._last_rows = 0
         self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hff-infer")
         self.accepted_requests = 0
         self.answered_requests = 0
-        # read when /metrics is scraped: no lock taken per request to keep the gauges current
-        metrics.queue_depth.set_function(lambda: self._queued_rows)
-        metrics.in_flight.set_function(lambda: self._in_flight)
+        for stage in range(self.num_blocks):
+            self._publish_depth(stage)
+        self._publish_point()
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._collect_forever(), name="hff-batcher")
+        self._task = asyncio.create_task(self._schedule_forever(), name="hff-batcher")
 
     async def stop(self) -> None:
-        """Refuse new work, answer everything accepted, then stop the collector and thread."""
+        """Refuse new work, answer everything accepted, then stop the scheduler and thread."""
         self._closing = True
         self._arrived.set()
         if self._task is not None:
@@ -121,22 +171,30 @@ class Batcher:
         """Stop accepting work now (SIGTERM); stop() still drains what was accepted."""
         self._closing = True
 
+    @property
+    def queued_rows(self) -> int:
+        return sum(self._queued)
+
     # --- submission ------------------------------------------------------------------------
 
-    def submit(self, x: np.ndarray, thresholds: np.ndarray | None, return_blocks: bool) -> Job:
+    def submit(self, x: np.ndarray, thresholds: np.ndarray | None, return_blocks: bool,
+               adaptive: bool = False, deadline: float | None = None,
+               arrived: float | None = None) -> Job:
         """Queue a request's rows; its future resolves when every row has exited."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         n = x.shape[0]
-        if self._queued_rows + n > self.queue_bound:
-            raise QueueFull(f"the queue is full ({self._queued_rows} of {self.queue_bound} "
-                            "instances waiting)")
-        job = Job(x=x, thresholds=thresholds, return_blocks=return_blocks,
+        queued = self.queued_rows
+        if queued + n > self.queue_bound:
+            raise QueueFull(f"the queue is full ({queued} of {self.queue_bound} instances "
+                            "waiting)")
+        job = Job(x=x, thresholds=thresholds, return_blocks=return_blocks, adaptive=adaptive,
+                  deadline=deadline, arrived=arrived,
                   future=asyncio.get_running_loop().create_future())
-        self._queue.append(Chunk(job, 0, n))
-        self._queued_rows += n
+        self._push(0, Segment([job] * n, np.arange(n), x, None, job.enqueued))
         self._in_flight += n
         self.accepted_requests += 1
+        self.metrics.in_flight.set(self._in_flight)
         self._arrived.set()
         return job
 
@@ -144,164 +202,268 @@ class Batcher:
         """The caller stopped waiting (timeout or disconnect): drop its rows not yet started."""
         job.abandoned = True
 
-    # --- collection ------------------------------------------------------------------------
+    # --- queues ----------------------------------------------------------------------------
 
-    def _take(self, limit: int) -> list[Chunk]:
-        taken: list[Chunk] = []
-        now = time.monotonic()
-        while self._queue and limit > 0:
-            chunk = self._queue[0]
-            if chunk.job.abandoned:
-                self._queue.popleft()
-                self._queued_rows -= chunk.rows
-                self._release(chunk.job, chunk.rows)
-                continue
-            if chunk.rows <= limit:
-                self._queue.popleft()
-                piece = chunk
-            else:  # split the request: its first rows go now, the rest stay queued
-                piece = Chunk(chunk.job, chunk.lo, chunk.lo + limit)
-                chunk.lo += limit
-            taken.append(piece)
-            limit -= piece.rows
-            self._queued_rows -= piece.rows
-            self.metrics.queue_wait.observe(now - piece.job.enqueued)
+    def _push(self, stage: int, segment: Segment) -> None:
+        self._queues[stage].append(segment)
+        self._queued[stage] += segment.size
+        self._publish_depth(stage)
+
+    def _publish_depth(self, stage: int) -> None:
+        self.metrics.stage_queue_depth.labels(stage=str(stage + 1)).set(self._queued[stage])
+        self.metrics.queue_depth.set(self.queued_rows)
+
+    def _host(self, features: Any, rows: int) -> np.ndarray:
+        return features if isinstance(features, np.ndarray) else self.runtime.to_host(features, rows)
+
+    def _take(self, stage: int, limit: int) -> list[Segment]:
+        """Up to `limit` rows from the head of a stage's queue, in order; a segment larger than
+        what is left is split (its first rows go now)."""
+        queue, taken, now = self._queues[stage], [], time.monotonic()
+        while queue and limit > 0:
+            seg = queue[0]
+            if seg.size <= limit:
+                queue.pop(0)
+                piece = seg
+            else:
+                features = self._host(seg.features, seg.size)
+                piece = Segment(seg.jobs[:limit], seg.rows[:limit], features[:limit],
+                                None if seg.probs is None else seg.probs[:limit], seg.entered)
+                queue[0] = Segment(seg.jobs[limit:], seg.rows[limit:], features[limit:],
+                                   None if seg.probs is None else seg.probs[limit:], seg.entered)
+            self._queued[stage] -= piece.size
+            limit -= piece.size
+            if stage == 0:
+                self.metrics.queue_wait.observe(now - piece.entered)
+            piece = self._screen(stage, piece, now)
+            if piece is not None:
+                taken.append(piece)
+        self._publish_depth(stage)
         return taken
 
-    async def _collect_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return
+    def _screen(self, stage: int, seg: Segment, now: float) -> Segment | None:
+        """Drop the rows of abandoned requests; answer (or refuse) those past their deadline."""
+        keep = np.ones(seg.size, dtype=bool)
+        for job, lo, hi in job_runs(seg.jobs):
+            if job.abandoned or job.future.done():
+                keep[lo:hi] = False
+                self._release(job, hi - lo)
+            elif job.deadline is not None and now > job.deadline:
+                keep[lo:hi] = False
+                if seg.probs is None:  # no block reached: the request cannot be answered
+                    self.metrics.deadline_misses.labels(outcome="refused").inc(hi - lo)
+                    job.abandoned = True
+                    job.future.set_exception(DeadlineExpired(
+                        "the request's deadline (deadline_ms) passed before its instances "
+                        "reached the first block"))
+                    self._release(job, hi - lo)
+                else:  # answered by the block it reached
+                    self.metrics.deadline_misses.labels(outcome="answered").inc(hi - lo)
+                    job.deadline_missed[seg.rows[lo:hi]] = True
+                    self._deliver(job, seg.rows[lo:hi], seg.probs[lo:hi], stage, -1)
+        if keep.all():
+            return seg
+        if not keep.any():
+            return None
+        features = self._host(seg.features, seg.size)[keep]
+        return Segment([j for j, k in zip(seg.jobs, keep, strict=True) if k], seg.rows[keep],
+                       features, None if seg.probs is None else seg.probs[keep], seg.entered)
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def _pick(self, now: float) -> int | None:
+        """The stage to run next (module docstring), None when every queue is empty."""
+        busy = [k for k in range(self.num_blocks) if self._queued[k]]
+        if not busy:
+            return None
+        if self.scheduling == "batch" or len(busy) == 1:
+            return busy[-1]
+        patience = self.max_wait + self._stage_seconds * self.num_blocks
+        overdue = [k for k in busy if now - self._queues[k][0].entered > patience]
+        if overdue:
+            return overdue[-1]
+        return max(busy, key=lambda k: (min(self._queued[k], self.max_batch_size), k))
+
+    def _oldest_age(self, now: float) -> float:
+        """How long the oldest queued row's request has been waiting, admission included."""
+        ages = [now - (q[0].jobs[0].arrived or q[0].jobs[0].enqueued) for q in self._queues if q]
+        return max(ages, default=0.0)
+
+    def _steer(self) -> None:
+        """Let the load controller look at the queues (it may move the operating point)."""
+        if self.controller is None or not self.controller.enabled:
+            return
+        now = time.monotonic()
+        before = self.controller.index
+        if self.controller.update(now, self.queued_rows, self._oldest_age(now)) != before:
+            log.info("operating point %d -> %d (expected accuracy %.4f)", before,
+                     self.controller.index, self.controller.point.expected_accuracy or 0.0)
+            self._publish_point()
+
+    def _publish_point(self) -> None:
+        if self.controller is None:
+            return
+        self.metrics.operating_point.set(self.controller.index)
+        accuracy = self.controller.point.expected_accuracy
+        self.metrics.operating_point_accuracy.set(math.nan if accuracy is None else accuracy)
+
+    async def _wait_for_work(self) -> bool:
+        """Wait until rows arrive; False once closing with nothing left. Looks at the load
+        while idle too, so the controller can move back up when traffic stops."""
+        while not any(self._queued):
+            if self._closing:
+                return False
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 0.25)
+            except TimeoutError:
+                self._steer()
+        return True
+
+    async def _fill_stage_one(self, batch: list[Segment]) -> list[Segment]:
+        """Stage 1 with a partial batch and nothing else to do: wait for more, under load only."""
+        rows = sum(s.size for s in batch)
+        if not batch or rows >= self.max_batch_size or self.max_wait <= 0 or self._closing \
+                or (rows <= 1 and self._last_rows <= 1) or any(self._queued[1:]):
+            return batch
+        deadline = min(s.entered for s in batch) + self.max_wait
+        while rows < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if not self._queued[0]:
                 self._arrived.clear()
-                await self._arrived.wait()
-            batch = self._take(self.max_batch_size)
-            rows = sum(c.rows for c in batch)
-            # Wait for more only under load: a lone request goes at once.
-            if batch and rows < self.max_batch_size and self.max_wait > 0 and \
-                    (rows > 1 or self._last_rows > 1) and not self._closing:
-                deadline = min(c.job.enqueued for c in batch) + self.max_wait
-                while rows < self.max_batch_size:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    if not self._queue:
-                        self._arrived.clear()
-                        try:
-                            await asyncio.wait_for(self._arrived.wait(), remaining)
-                        except TimeoutError:
-                            break
-                    more = self._take(self.max_batch_size - rows)
-                    batch += more
-                    rows += sum(c.rows for c in more)
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            more = self._take(0, self.max_batch_size - rows)
+            batch += more
+            rows += sum(s.size for s in more)
+        return batch
+
+    async def _schedule_forever(self) -> None:
+        while await self._wait_for_work():
+            self._steer()
+            stage = self._pick(time.monotonic())
+            if stage is None:
+                continue
+            batch = self._take(stage, self.max_batch_size)
+            if stage == 0:
+                batch = await self._fill_stage_one(batch)
             if not batch:
                 continue
-            self._last_rows = rows
+            rows = sum(s.size for s in batch)
+            if stage == 0:
+                self._last_rows = rows
             self.metrics.batch_size.observe(rows)
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, batch)
+                await self._run(stage, batch)
             except Exception as e:  # a bug or a broken graph: fail these requests, keep serving
-                log.exception("batch of %d rows failed", rows)
-                for chunk in batch:
-                    if not chunk.job.future.done():
-                        chunk.job.future.set_exception(e)
+                log.exception("stage %d on %d rows failed", stage + 1, rows)
+                for seg in batch:
+                    for job, lo, hi in job_runs(seg.jobs):
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                        job.abandoned = True  # its rows in other queues are dropped
+                        self._release(job, hi - lo)
 
-    # --- inference (worker thread) ---------------------------------------------------------
+    # --- running a stage -------------------------------------------------------------------
 
-    def _run_batch(self, batch: list[Chunk]) -> None:
-        off = [c for c in batch if c.job.thresholds is None]
-        staged = [c for c in batch if c.job.thresholds is not None]
-        if staged and not self.runtime.has_stages:  # no stage graphs: early exit cannot happen
-            off, staged = off + staged, []
-        if off:
-            self._run_full(off)
-        if staged:
-            self._run_staged(staged)
+    async def _run(self, stage: int, batch: list[Segment]) -> None:
+        loop = asyncio.get_running_loop()
+        if stage == 0:
+            off = [s for s in batch if s.jobs[0].thresholds is None or not self.runtime.has_stages]
+            if off:
+                batch = [s for s in batch if s not in off]
+                started = time.monotonic()
+                per_block = await loop.run_in_executor(
+                    self._executor, self.runtime.run_full,
+                    np.concatenate([s.features for s in off]))
+                self._busy += time.monotonic() - started
+                self._answer_full(off, per_block)
+            if not batch:
+                return
+        rows = sum(s.size for s in batch)
+        features = batch[0].features if len(batch) == 1 else np.concatenate(
+            [self._host(s.features, s.size) for s in batch])
+        started = time.monotonic()
+        out = await loop.run_in_executor(self._executor, self.runtime.run_stage, stage, features,
+                                         rows)
+        seconds = time.monotonic() - started
+        self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
+        self._busy += seconds
+        self._after_stage(stage, batch, out)
 
-    def _post(self, deliveries: list[tuple[Job, np.ndarray, np.ndarray, int, list | None]]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, deliveries)
-
-    def _run_full(self, chunks: list[Chunk]) -> None:
-        x = np.concatenate([c.job.x[c.lo:c.hi] for c in chunks])  # (rows, C, H, W)
-        per_block = self.runtime.run_full(x)  # L x (rows, num_classes)
+    def _answer_full(self, segments: list[Segment], per_block: list[np.ndarray]) -> None:
         stacked = np.stack(per_block, axis=1)  # (rows, L, num_classes)
-        deliveries, start = [], 0
-        for c in chunks:
-            probs = stacked[start:start + c.rows]
-            blocks = None
-            if c.job.return_blocks:
-                blocks = [[{"block": k + 1, "probabilities": p[k], "threshold": None}
-                           for k in range(self.num_blocks)] for p in probs]
-            deliveries.append((c.job, np.arange(c.lo, c.hi), probs[:, -1], self.num_blocks, blocks))
-            start += c.rows
-        self.metrics.exits.labels(block=str(self.num_blocks)).inc(len(x))
-        self._post(deliveries)
+        start = 0
+        for seg in segments:
+            for job, lo, hi in job_runs(seg.jobs):
+                probs = stacked[start + lo:start + hi]
+                if job.blocks is not None:
+                    for r, p in zip(seg.rows[lo:hi], probs, strict=True):
+                        job.blocks[r] = [{"block": k + 1, "probabilities": p[k], "threshold": None}
+                                         for k in range(self.num_blocks)]
+                self._deliver(job, seg.rows[lo:hi], probs[:, -1], self.num_blocks, -1)
+            start += seg.size
+        self.metrics.exits.labels(block=str(self.num_blocks)).inc(start)
 
-    def _run_staged(self, chunks: list[Chunk]) -> None:
-        x = np.concatenate([c.job.x[c.lo:c.hi] for c in chunks])  # (rows, C, H, W)
-        owner = np.concatenate([np.full(c.rows, i) for i, c in enumerate(chunks)])  # chunk index
-        row_in_job = np.concatenate([np.arange(c.lo, c.hi) for c in chunks])
-        thresholds = np.concatenate(  # (rows, L-1)
-            [np.broadcast_to(c.job.thresholds, (c.rows, self.num_blocks - 1)) for c in chunks])
-        history: dict[int, list[dict[str, Any]]] = {  # batch row -> blocks run (return_blocks)
-            r: [] for r in range(len(x)) if chunks[owner[r]].job.return_blocks}
-        alive = np.arange(len(x))  # batch rows still undecided
-        features: Any = x
-        for k in range(self.num_blocks):
-            out = self.runtime.run_stage(k, features, len(alive))
-            probs = out.probs  # (alive, num_classes)
-            last = k == self.num_blocks - 1
-            if last:
-                exits = np.ones(len(alive), dtype=bool)
-            else:
-                exits = probs.max(axis=1) >= thresholds[alive, k]
-            if history:
-                for i, r in enumerate(alive):
-                    if r in history:
-                        t = None if last or not math.isfinite(thresholds[r, k]) else float(
-                            thresholds[r, k])
-                        history[r].append({"block": k + 1, "probabilities": probs[i], "threshold": t})
-            if exits.any():
-                self.metrics.exits.labels(block=str(k + 1)).inc(int(exits.sum()))
-                self._post(self._group(chunks, owner, row_in_job, alive[exits], probs[exits], k + 1,
-                                       history))
-            if last or exits.all():
-                break
-            keep = ~exits
-            features = self.runtime.select_rows(out.features, keep, len(alive))
-            alive = alive[keep]
-
-    @staticmethod
-    def _group(chunks: list[Chunk], owner: np.ndarray, row_in_job: np.ndarray, rows: np.ndarray,
-               probs: np.ndarray, block: int, history: dict[int, list[dict[str, Any]]]):
-        """Exited batch rows grouped by request, as deliveries for the event loop."""
-        deliveries = []
-        owners = owner[rows]
-        for i in np.unique(owners):
-            sel = owners == i
-            job = chunks[i].job
-            blocks = [history[r] for r in rows[sel]] if job.return_blocks else None
-            deliveries.append((job, row_in_job[rows[sel]], probs[sel], block, blocks))
-        return deliveries
+    def _after_stage(self, stage: int, batch: list[Segment], out) -> None:
+        """Answer the rows that exit at this block; queue the others for the next stage."""
+        jobs = [j for s in batch for j in s.jobs]
+        rows = np.concatenate([s.rows for s in batch])
+        probs = out.probs  # (n, num_classes)
+        last = stage == self.num_blocks - 1
+        point = self.controller.index if self.controller is not None else 0
+        runs = job_runs(jobs)
+        if last:
+            thresholds = np.full(len(rows), math.nan)
+            exits = np.ones(len(rows), dtype=bool)
+        else:
+            adaptive_t = self.controller.thresholds[stage] if self.controller is not None else None
+            thresholds = np.empty(len(rows))
+            for job, lo, hi in runs:
+                thresholds[lo:hi] = adaptive_t if job.adaptive and adaptive_t is not None \
+                    else job.thresholds[stage]
+            exits = probs.max(axis=1) >= thresholds
+        for job, lo, hi in runs:
+            if job.blocks is not None:
+                for i in range(lo, hi):
+                    t = thresholds[i]
+                    job.blocks[rows[i]].append({"block": stage + 1, "probabilities": probs[i],
+                                                "threshold": float(t) if math.isfinite(t) else None})
+            leaving = np.flatnonzero(exits[lo:hi]) + lo
+            if len(leaving):
+                self._deliver(job, rows[leaving], probs[leaving], stage + 1,
+                              point if job.adaptive else -1)
+        if exits.any():
+            self.metrics.exits.labels(block=str(stage + 1)).inc(int(exits.sum()))
+        if last or exits.all():
+            return
+        keep = ~exits
+        survivors = self.runtime.select_rows(out.features, keep, len(rows))
+        self._push(stage + 1, Segment([j for j, k in zip(jobs, keep, strict=True) if k],
+                                      rows[keep], survivors, probs[keep]))
 
     # --- delivery (event loop) -------------------------------------------------------------
 
-    def _deliver(self, deliveries: list[tuple[Job, np.ndarray, np.ndarray, int, list | None]]) -> None:
-        for job, idx, probs, block, blocks in deliveries:
-            if job.probs is None:
-                job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
-            job.probs[idx] = probs
-            job.exit_block[idx] = block
-            if blocks is not None and job.blocks is not None:
-                for i, b in zip(idx, blocks, strict=True):
-                    job.blocks[i] = b
-            self._release(job, len(idx))
+    def _deliver(self, job: Job, idx: np.ndarray, probs: np.ndarray, block: int,
+                 point: int) -> None:
+        if job.probs is None:
+            job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
+        job.probs[idx] = probs
+        job.exit_block[idx] = block
+        job.operating_point[idx] = point
+        if self.controller is not None:
+            self.controller.answered(len(idx), self._busy)
+            self._busy = 0.0
+        self._release(job, len(idx))
 
     def _release(self, job: Job, rows: int) -> None:
         job.remaining -= rows
         self._in_flight -= rows
+        self.metrics.in_flight.set(self._in_flight)
         if job.remaining == 0:
             self.answered_requests += 1
             if not job.future.done():

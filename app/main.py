@@ -54,7 +54,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = Batcher(service.runtime, service.metrics,
                           max_batch_size=service.settings.MAX_BATCH_SIZE,
                           max_wait_ms=service.settings.MAX_BATCH_WAIT_MS,
-                          queue_bound=service.settings.QUEUE_BOUND)
+                          queue_bound=service.settings.QUEUE_BOUND,
+                          scheduling=service.settings.SCHEDULING, controller=service.controller)
         batcher.start()
         service.batcher = batcher
         service.warmed = True

@@ -29,6 +29,17 @@ class Metrics:
         self.in_flight = Gauge("hff_instances_in_flight", "accepted instances not answered yet",
                                registry=r)
         self.queue_depth = Gauge("hff_queue_depth", "instances waiting for a batch", registry=r)
+        self.stage_queue_depth = Gauge("hff_stage_queue_depth", "instances waiting for a stage "
+                                       "(1-based block)", ["stage"], registry=r)
+        self.operating_point = Gauge("hff_operating_point", "index of the operating point "
+                                     "'auto' early exit uses now (0 = calibrated)", registry=r)
+        self.operating_point_accuracy = Gauge("hff_operating_point_expected_accuracy",
+                                              "expected (validation) accuracy of the current "
+                                              "operating point", registry=r)
+        self.deadline_misses = Counter("hff_deadline_misses", "instances whose deadline_ms "
+                                       "passed before their next block: answered from the block "
+                                       "reached, or refused (none reached)", ["outcome"],
+                                       registry=r)
         self.admitted_rows = Gauge("hff_admitted_instances", "instances admitted and not answered "
                                    "(an upper bound until a body is parsed)", registry=r)
         self.admitted_bytes = Gauge("hff_admitted_bytes", "body bytes of admitted requests not "

@@ -191,6 +191,13 @@ class ModelRuntime:
             return features  # every real row survives: no host round trip
         return features.numpy()[:rows][keep]
 
+    @staticmethod
+    def to_host(features: Any, rows: int) -> np.ndarray:
+        """A device value's first `rows` rows as a host array (to split or join stage inputs)."""
+        if isinstance(features, np.ndarray):
+            return features[:rows]
+        return features.numpy()[:rows]
+
     def warm_up(self) -> float:
         """Run every graph at each bucket batch size once, checking what comes out; returns the
         seconds it took. A graph that fails here raises ModelDirError."""

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.early_exit import EarlyExitMode
+
+# Below 50 ms the HTTP path alone (body, parsing, queueing) may use the deadline up: a client
+# asking for less would only collect 503s.
+MIN_DEADLINE_MS = 50.0
+DeadlineMs = Annotated[float | None, Field(
+    None, ge=MIN_DEADLINE_MS, le=600_000,
+    description="milliseconds from the request's arrival (50 or more): an instance still waiting "
+                "for a block then is answered from the block it reached (deadline_missed: true); "
+                "a request with an instance that reached none gets 503")]
 
 
 class PredictOptions(BaseModel):
@@ -15,6 +24,7 @@ class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     early_exit: EarlyExitMode | None = Field(None, description="default: the server's setting")
+    deadline_ms: DeadlineMs = None
     top_k: int = Field(1, ge=1, description="how many of the most probable classes to list")
     return_blocks: bool = Field(False, description="also return every block's probabilities "
                                                    "for the blocks that ran for each instance")
@@ -41,11 +51,21 @@ class BlockOutput(BaseModel):
                                                 "at the last block or where no exit was allowed")
 
 
+class OperatingPointRef(BaseModel):
+    index: int = Field(description="0 = the calibrated point; higher = cheaper")
+    expected_accuracy: float | None = Field(description="on the validation split")
+
+
 class Prediction(BaseModel):
     label: int
     class_name: str
     confidence: float = Field(description="probability of `label` at the exit block")
     exit_block: int = Field(description="1-based block that answered; num_blocks = no early exit")
+    operating_point: OperatingPointRef | None = Field(
+        description="the operating point whose thresholds answered this instance ('auto' early "
+                    "exit); null with early exit off, an explicit threshold or a missed deadline")
+    deadline_missed: bool = Field(description="answered from the block it reached because its "
+                                              "deadline_ms passed")
     top_k: list[ClassProbability]
     blocks: list[BlockOutput] | None = Field(
         None, description="only with return_blocks: one entry per block that ran, in order")
@@ -65,9 +85,23 @@ class ErrorResponse(BaseModel):
     error: str = Field(description="what was wrong, in words")
 
 
+class OperatingPointInfo(BaseModel):
+    thresholds: list[float | None]
+    expected_accuracy: float | None
+    compute_fraction: float | None
+    test_accuracy: float | None
+    test_compute_fraction: float | None
+
+
 class EarlyExitInfo(BaseModel):
     default_mode: str | float
     thresholds: list[float | None]
+    operating_points: list[OperatingPointInfo] = Field(
+        description="the points 'auto' may use under load, calibrated first, down to the floor")
+    current_point: int = Field(description="index of the point 'auto' uses now")
+    latency_target_ms: float | None
+    min_accuracy: float | None
+    scheduling: str
 
 
 class InputInfo(BaseModel):
@@ -110,6 +144,7 @@ class V2Parameters(BaseModel):
     model_config = ConfigDict(extra="allow")  # other parameters are the client's business
 
     early_exit: EarlyExitMode | None = Field(None, description="default: the server's setting")
+    deadline_ms: DeadlineMs = None
 
 
 class V2InferRequest(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,7 +12,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from app.admission import Admission, Ticket
-from app.batcher import Batcher, Job, QueueFull, ShuttingDown
+from app.batcher import Batcher, DeadlineExpired, Job, QueueFull, ShuttingDown
+from app.controller import LoadController
 from app.decoding import InputSpec
 from app.errors import ClientError
 from app.metrics import Metrics
@@ -54,6 +54,9 @@ class Service:
         self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range,
                               self.manifest.input.resize)
         self.batcher: Batcher | None = None
+        self.points = self.manifest.operating_points
+        self.controller = LoadController(self.points, settings.LATENCY_TARGET_MS,
+                                         settings.MIN_ACCURACY)
         self.warmed = False
         self.draining = False
         self.failure: str | None = None  # why the model cannot be served (warm-up failed)
@@ -84,18 +87,18 @@ class Service:
 
     # --- early exit --------------------------------------------------------------------------
 
-    def thresholds_for(self, mode: str | float | None) -> np.ndarray | None:
-        """Per-block exit thresholds (L-1,) for a parsed mode (app.early_exit; None: the server's
-        default); inf = never exit there; None = early exit off."""
+    def thresholds_for(self, mode: str | float | None) -> tuple[np.ndarray | None, bool]:
+        """(per-block exit thresholds (L-1,), adaptive) for a parsed mode (app.early_exit; None:
+        the server's default); inf = never exit there; None = early exit off. 'auto' is adaptive:
+        the load controller's current operating point decides (the calibrated one, without a
+        latency target); 'off' and an explicit threshold never change."""
         if mode is None:
             mode = self.settings.EARLY_EXIT
         if mode == "off" or not self.runtime.has_stages or self.manifest.num_blocks == 1:
-            return None
+            return None, False
         if mode == "auto":
-            values = [math.inf if t is None else t for t in self.manifest.thresholds]
-        else:
-            values = [float(mode)] * (self.manifest.num_blocks - 1)
-        return np.asarray(values, dtype=np.float64)
+            return self.controller.thresholds, True
+        return np.full(self.manifest.num_blocks - 1, float(mode), dtype=np.float64), False
 
     # --- running -----------------------------------------------------------------------------
 
@@ -128,13 +131,18 @@ class Service:
             raise RequestTimeout(self.settings.REQUEST_TIMEOUT_S) from None
 
     async def infer(self, x: np.ndarray, mode: str | float | None, ticket: Ticket,
-                    return_blocks: bool = False) -> Job:
-        """Queue (N, C, H, W) rows and wait until every one has exited (or the deadline)."""
+                    return_blocks: bool = False, deadline_ms: float | None = None) -> Job:
+        """Queue (N, C, H, W) rows and wait until every one has exited (or the deadline).
+        `deadline_ms` counts from the request's arrival: a row still waiting for a block after
+        it is answered from the block it reached, or the request gets 503 if it reached none."""
         if not self.ready or self.batcher is None:
             raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
         self.admission.settle(ticket, x.shape[0])
+        thresholds, adaptive = self.thresholds_for(mode)
+        deadline = None if deadline_ms is None else ticket.started + deadline_ms / 1000.0
         try:
-            job = self.batcher.submit(x, self.thresholds_for(mode), return_blocks)
+            job = self.batcher.submit(x, thresholds, return_blocks, adaptive, deadline,
+                                      arrived=ticket.started)
         except QueueFull as e:
             raise ClientError(429, f"{e}; retry later", {"Retry-After": "1"}) from None
         except ShuttingDown as e:
@@ -142,6 +150,9 @@ class Service:
         try:
             async with asyncio.timeout_at(ticket.deadline):
                 return await asyncio.shield(job.future)
+        except DeadlineExpired as e:
+            raise ClientError(503, f"{e}: the server is overloaded; retry later or allow a "
+                                   "longer deadline_ms", {"Retry-After": "1"}) from None
         except TimeoutError:
             self.batcher.abandon(job)
             raise RequestTimeout(self.settings.REQUEST_TIMEOUT_S) from None
@@ -154,12 +165,14 @@ class Service:
         names = self.manifest.class_names
         k = min(top_k, len(names))
         assert job.probs is not None and job.exit_block is not None
+        assert job.operating_point is not None and job.deadline_missed is not None
         if k == 1:  # argmax picks the first of tied maxima, as the stable sort below does
             order = job.probs.argmax(axis=1)[:, None]  # (N, 1)
         else:
             order = np.argsort(-job.probs, axis=1, kind="stable")[:, :k]  # (N, k)
         # Python floats and ints once per array: cheaper than a numpy scalar per value
         probs, exits = job.probs.tolist(), job.exit_block.tolist()
+        points, missed = job.operating_point.tolist(), job.deadline_missed.tolist()
         out = []
         for i, (p, top) in enumerate(zip(probs, order.tolist(), strict=True)):
             label = top[0]
@@ -168,6 +181,8 @@ class Service:
                 "class_name": names[label],
                 "confidence": p[label],
                 "exit_block": exits[i],
+                "operating_point": self.point_ref(points[i]),
+                "deadline_missed": missed[i],
                 "top_k": [{"label": j, "class_name": names[j], "probability": p[j]} for j in top],
             }
             if job.blocks is not None:
@@ -175,6 +190,13 @@ class Service:
                                    "threshold": b["threshold"]} for b in job.blocks[i]]
             out.append(pred)
         return out
+
+    def point_ref(self, index: int) -> dict[str, Any] | None:
+        """What a prediction says about the operating point that answered it (None: early exit
+        off, an explicit threshold, or a row answered early for its deadline)."""
+        if index < 0:
+            return None
+        return {"index": index, "expected_accuracy": self.points[index].expected_accuracy}
 
     def model_ref(self) -> dict[str, str]:
         return {"name": self.manifest.name, "version": self.manifest.version}

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
     THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
     EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
+    # Under load 'auto' moves to cheaper operating points to keep queueing under this; unset: off
+    LATENCY_TARGET_MS: float | None = Field(None, gt=0.0, le=600_000.0)
+    # The load controller never uses a point expected (on val) below this; unset: calibrated - 0.02
+    MIN_ACCURACY: float | None = Field(None, ge=0.0, le=1.0)
+    SCHEDULING: Literal["stage", "batch"] = "stage"  # stage-level queues, or run-to-the-end
     API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
     # the HTTP server: uvicorn, or granian (the granian extra; Rust HTTP and the RSGI interface)
@@ -51,6 +56,11 @@ class Settings(BaseSettings):
         if not (v / MANIFEST_FILE).is_file():
             raise ValueError(f"{v} holds no {MANIFEST_FILE}: not a model dir written by hff-export")
         return v
+
+    @field_validator("LATENCY_TARGET_MS", "MIN_ACCURACY", mode="before")
+    @classmethod
+    def _unset(cls, v):
+        return None if isinstance(v, str) and v.strip() == "" else v  # VAR= (empty) means unset
 
     @field_validator("API_KEY", mode="before")
     @classmethod

@@ -11,7 +11,8 @@ Rows, all in one invocation on this machine:
       both with early exit off, on the cifar-cnn preset (random weights) and on the digits model;
   (d) early exit off vs auto (the manifest's calibrated thresholds) vs one fixed threshold, with
       batching on, on the digits model and on cifar-cnn trained on digits32 (where the network
-      costs more than the HTTP request), with test accuracy.
+      costs more than the HTTP request), with test accuracy; `--only fashion-mnist` runs (a) and
+      (d) on a Fashion-MNIST model over its 10,000 test images.
 The load generator is closed-loop: `concurrency` clients each send one request (one instance)
 after the other for `seconds`, after a warm-up; the bodies are encoded once, up front: JSON
 arrays on /predict, and for the 3x32x32 models also KServe v2 binary tensors (--encoding),
@@ -373,7 +374,11 @@ def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float) -> di
 def test_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     from training.data import load_dataset
 
-    images, labels = load_dataset(dataset).test.tensors
+    test = load_dataset(dataset).test
+    if hasattr(test, "tensors"):  # the bundled sets are TensorDatasets of [0, 1] floats
+        images, labels = test.tensors
+    else:  # the standard sets keep uint8 (training/readers.py ArrayDataset)
+        images, labels = test.images.float() / 255.0, test.labels
     return images.numpy(), labels.numpy()
 
 
@@ -382,6 +387,8 @@ def main() -> int:
     p.add_argument("--cifar-random", type=Path, default=REPO / "models/cifar-random")
     p.add_argument("--digits", type=Path, default=REPO / "models/digits")
     p.add_argument("--cifar-trained", type=Path, default=REPO / "models/digits32")
+    p.add_argument("--fashion-mnist", type=Path, default=REPO / "models/fashion-mnist",
+                   help="a model trained on Fashion-MNIST (make export DATASET=fashion-mnist)")
     p.add_argument("--seconds", type=float, default=3.0, help="measured time per repeat")
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
@@ -399,7 +406,8 @@ def main() -> int:
                         "(--concurrency, --instances)")
     p.add_argument("--instances", type=int, nargs="+", default=[1, 256],
                    help="with --goodput: instances per request")
-    p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained"], nargs="+",
+    p.add_argument("--only", choices=["cifar-random", "digits", "cifar-trained", "fashion-mnist"],
+                   nargs="+",
                    default=["cifar-random", "digits", "cifar-trained"])
     args = p.parse_args()
     if args.goodput:
@@ -464,7 +472,7 @@ def main() -> int:
         # every server of a model is up at once and idle when not loaded, so the configurations
         # can be interleaved: the machine's load drifts, the ratios between neighbours do not
         servers = {"batching": Server(model_dir, max_batch_size=mb)}
-        if name != "cifar-trained":
+        if name in ("cifar-random", "digits"):
             servers["batching off"] = Server(model_dir, max_batch_size=1)
         try:
             configs = [(setup, mode, enc) for enc in encodings for setup in servers

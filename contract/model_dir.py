@@ -110,6 +110,32 @@ class StageSpec(BaseModel):
     macs: int | None = None  # multiply-accumulates of the block for one input
 
 
+class OperatingPoint(BaseModel):
+    """One threshold vector on the accuracy/compute trade-off, as the calibration measured it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    thresholds: list[float | None]  # length L-1; None = never exit at that block
+    epsilon: float | None = None  # the accuracy loss the calibration allowed for this point
+    expected_accuracy: float | None = None  # on val (None: a manifest that did not measure it)
+    compute_fraction: float | None = None  # on val: MACs run / MACs of the whole network
+    test_accuracy: float | None = None
+    test_compute_fraction: float | None = None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, values: list[float | None]) -> list[float | None]:
+        return _check_thresholds(values)
+
+
+def _check_thresholds(values: list[float | None]) -> list[float | None]:
+    for k, t in enumerate(values, 1):
+        if t is not None and not (math.isfinite(t) and 0.0 < t <= 1.0):
+            raise ValueError(f"the threshold of block {k} is {t}; a max-softmax threshold "
+                             "lies in (0, 1] (null: never exit there)")
+    return values
+
+
 class EarlyExitSpec(BaseModel):
     """The calibrated thresholds and what the calibration measured (hff-export prints them)."""
 
@@ -125,15 +151,15 @@ class EarlyExitSpec(BaseModel):
     compute_fraction: float | None = None  # on val: MACs run / MACs of the whole network
     test_accuracy: float | None = None
     test_compute_fraction: float | None = None
+    # The trade-off a server under load may move along: the calibrated point first, then ever
+    # cheaper ones. Older manifests lack it; `Manifest.operating_points` then has the calibrated
+    # point alone.
+    operating_points: list[OperatingPoint] = Field(default_factory=list)
 
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, values: list[float | None]) -> list[float | None]:
-        for k, t in enumerate(values, 1):
-            if t is not None and not (math.isfinite(t) and 0.0 < t <= 1.0):
-                raise ValueError(f"the threshold of block {k} is {t}; a max-softmax threshold "
-                                 "lies in (0, 1] (null: never exit there)")
-        return values
+        return _check_thresholds(values)
 
 
 class Manifest(BaseModel):
@@ -177,6 +203,12 @@ class Manifest(BaseModel):
         if self.early_exit is not None and len(self.early_exit.thresholds) != self.num_blocks - 1:
             raise ValueError(f"early_exit.thresholds has {len(self.early_exit.thresholds)} values, "
                              f"expected num_blocks - 1 = {self.num_blocks - 1}")
+        if self.early_exit is not None:
+            for i, point in enumerate(self.early_exit.operating_points):
+                if len(point.thresholds) != self.num_blocks - 1:
+                    raise ValueError(f"early_exit.operating_points[{i}].thresholds has "
+                                     f"{len(point.thresholds)} values, expected num_blocks - 1 = "
+                                     f"{self.num_blocks - 1}")
         return self
 
     @property
@@ -190,6 +222,21 @@ class Manifest(BaseModel):
         if self.early_exit is None:
             return [None] * (self.num_blocks - 1)
         return list(self.early_exit.thresholds)
+
+    @property
+    def operating_points(self) -> list[OperatingPoint]:
+        """The calibrated point, then cheaper ones; a manifest without the list (or without
+        early exit) has one point: its calibrated thresholds (never exit, without early exit)."""
+        ee = self.early_exit
+        if ee is not None and ee.operating_points:
+            return list(ee.operating_points)
+        return [OperatingPoint(
+            thresholds=self.thresholds,
+            epsilon=ee.epsilon if ee else None,
+            expected_accuracy=ee.expected_accuracy if ee else None,
+            compute_fraction=ee.compute_fraction if ee else None,
+            test_accuracy=ee.test_accuracy if ee else None,
+            test_compute_fraction=ee.test_compute_fraction if ee else None)]
 
 
 def load_manifest(model_dir: str | Path) -> Manifest:

@@ -217,6 +217,31 @@ def mnist_cnn() -> dict[str, Any]:
 
 
 @register_preset
+def fmnist_cnn() -> dict[str, Any]:
+    """4 conv blocks for 1x28x28 Fashion-MNIST (its default): 28 -> 14 -> 7 -> 7 -> 3.
+
+    mnist-cnn plus a fourth, wider block (192 channels) at 7x7, where a channel is cheapest:
+    2.5x the MACs (18.3 M) and 3.3x the parameters. Measured with local losses only (seed 0,
+    batch 128, AdamW 3e-3 with warm-up + cosine, crop pad 2 + flip): 91.64% test accuracy after
+    12 epochs, 89.96% after 4; mnist-cnn made 90.59% after 6 (issue 12's run: not the same
+    epochs, a like-for-like run did not fit the CPU time we had). The extra block also spreads
+    the activations, which is what HFF's training-memory advantage lives on: block 1 makes 48% of
+    the layer outputs here, 57% in mnist-cnn (bench/train_memory.py). Not measured yet: label
+    smoothing, random erasing, more prototypes per class, a larger batch (README, Fashion-MNIST).
+    """
+    return {
+        "input_shape": (1, 28, 28),
+        "blocks": [
+            _conv(32, downsample="maxpool"),
+            _conv(64, downsample="maxpool"),
+            _conv(128),
+            _conv(192, downsample="maxpool"),
+        ],
+        "pool_grid": 2,
+    }
+
+
+@register_preset
 def tiny_imagenet_cnn() -> dict[str, Any]:
     """VGG-style stack of 6 conv blocks for 3x64x64 (Tiny ImageNet): 64 -> 32 -> 16 -> 8 -> 4 -> 2."""
     return {

@@ -1,4 +1,5 @@
-"""The early-exit trade-off plot: validation accuracy against compute, calibrated point marked."""
+"""The early-exit trade-off plot: validation accuracy against compute, with the calibrated point
+and the cheaper operating points a server under load may move to marked."""
 
 from __future__ import annotations
 
@@ -27,8 +28,17 @@ def plot_trade_off(curve: list[tuple[float | None, ExitStats]], early_exit: Earl
         last = (x, y)
         ax.annotate("never" if t is None else f"{t:g}", (x, y), fontsize=7,
                     textcoords="offset points", xytext=(3, -10))
+    points = early_exit.operating_points[1:]  # [0] is the calibrated point, starred below
+    if points:
+        ax.plot([p.compute_fraction * 100 for p in points],
+                [p.expected_accuracy * 100 for p in points], "s", ms=6, color="tab:orange",
+                label="operating points under load")
+        for i, p in enumerate(points, 1):
+            ax.annotate(f"#{i}", (p.compute_fraction * 100, p.expected_accuracy * 100),
+                        fontsize=7, color="tab:orange", textcoords="offset points",
+                        xytext=(-4, 6))
     ax.plot([early_exit.compute_fraction * 100], [early_exit.expected_accuracy * 100], "*",
-            ms=14, color="tab:red", label="calibrated thresholds")
+            ms=14, color="tab:red", label="calibrated thresholds (point #0)")
     ax.axhline(early_exit.full_accuracy * 100, color="grey", ls="--", lw=1, label="full network")
     ax.axhline((early_exit.full_accuracy - early_exit.epsilon) * 100, color="grey", ls=":",
                lw=1, label="full - epsilon")

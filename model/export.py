@@ -33,6 +33,7 @@ from contract.model_dir import (
     InputSpec,
     Manifest,
     Normalization,
+    OperatingPoint,
     StageSpec,
     full_graph_outputs,
     graphs_version,
@@ -90,8 +91,32 @@ def _early_exit(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
         test_accuracy=test.accuracy,
         test_compute_fraction=test.compute_fraction,
     )
+    section.operating_points = operating_points(heldout, macs, epsilon, confidence)
     per_block = [float(v) for v in (test_probs.argmax(2) == test_labels[:, None]).mean(0)]
     return section, per_block, sweep(val_probs, val_labels, macs)
+
+
+# Accuracy losses the cheaper operating points are calibrated for, beyond the export's epsilon:
+# up to 10 points below the full network, past which an answer is rarely worth having.
+OPERATING_POINT_EPSILONS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1)
+
+
+def operating_points(heldout: dict[str, np.ndarray], macs: list[int], epsilon: float,
+                     confidence: float) -> list[OperatingPoint]:
+    """The calibrated point, then the points calibrated for larger losses, each kept only when
+    it is cheaper on val than the one before (so the list runs from dear to cheap)."""
+    points: list[OperatingPoint] = []
+    for eps in (epsilon, *(e for e in OPERATING_POINT_EPSILONS if e > epsilon)):
+        thresholds = calibrate(heldout["val_probs"], heldout["val_labels"], eps, confidence)
+        val = evaluate(heldout["val_probs"], heldout["val_labels"], thresholds, macs)
+        if points and val.compute_fraction >= points[-1].compute_fraction - 1e-9:
+            continue
+        test = evaluate(heldout["test_probs"], heldout["test_labels"], thresholds, macs)
+        points.append(OperatingPoint(
+            thresholds=thresholds, epsilon=eps, expected_accuracy=val.accuracy,
+            compute_fraction=val.compute_fraction, test_accuracy=test.accuracy,
+            test_compute_fraction=test.compute_fraction))
+    return points
 
 
 # --- the whole export ---------------------------------------------------------------------

@@ -56,6 +56,13 @@ def print_report(result: ExportResult) -> None:
           f"{ee.compute_fraction * 100:>6.1f}%")
     print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee.test_accuracy * 100:>13.2f}%  "
           f"{ee.test_compute_fraction * 100:>6.1f}%")
+    print("\noperating points (a server under load moves from 0 towards cheaper ones):")
+    print(f"{'point':>5}  {'epsilon':>7}  {'val acc':>7}  {'val compute':>11}  {'test acc':>8}  "
+          f"{'test compute':>12}")
+    for i, p in enumerate(ee.operating_points):
+        print(f"{i:>5}  {p.epsilon * 100:>6.1f}%  {p.expected_accuracy * 100:>6.2f}%  "
+              f"{p.compute_fraction * 100:>10.1f}%  {p.test_accuracy * 100:>7.2f}%  "
+              f"{p.test_compute_fraction * 100:>11.1f}%")
     print(f"model dir: {result.model_dir}")
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__,
                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--dataset", default="digits", help=f"one of: {', '.join(list_datasets())}")
-    p.add_argument("--data-dir", default=None, help="where a non-bundled data set's files are")
+    p.add_argument("--data-dir", default=None, help="where a non-bundled data set's files are (default: the first of "
+                   "$HFF_DATA_DIR/<name>, data/<name>, /usr/share/datasets/<name> that has them)")
     p.add_argument("--preset", default=None,
                    help=f"architecture ({', '.join(list_presets())}); default: the data set's")
     p.add_argument("--out", default=None, help="checkpoint dir (default: runs/<dataset>)")

@@ -5,7 +5,8 @@ stratified by class, with a fixed seed that does not depend on the training seed
 60% train (1,078), 20% validation (359), 20% test (360). Validation calibrates early exit;
 test is reported.
 
-Standard data sets are read from `--data-dir` (default `data/<name>`) by training/readers.py.
+Standard data sets are read by training/readers.py from `--data-dir`, by default the first of
+`$HFF_DATA_DIR/<name>`, `data/<name>` and Debian's `/usr/share/datasets/<name>` that has them.
 Their official test split is the test split; as none of them has an official validation split,
 a fixed stratified 10% of the official training split (seed SPLIT_SEED) is carved off as
 validation and the rest trains (CIFAR: 45,000 / 5,000; MNIST-family: 54,000 / 6,000).
@@ -13,6 +14,7 @@ validation and the rest trains (CIFAR: 45,000 / 5,000; MNIST-family: 54,000 / 6,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -181,8 +183,20 @@ def carve_val(labels: np.ndarray, fraction: float = VAL_FRACTION) -> tuple[np.nd
     return np.sort(train), np.sort(val)
 
 
+DATA_DIR_ENV = "HFF_DATA_DIR"  # a folder holding one sub-folder per data set, named as --dataset
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
+
+
+def default_data_dirs(name: str) -> list[Path]:
+    """Where data set `name` is looked for when --data-dir is not given, in order."""
+    dirs = [Path(os.environ[DATA_DIR_ENV]) / name] if os.environ.get(DATA_DIR_ENV) else []
+    return dirs + [Path("data") / name, SYSTEM_DATA_DIR / name]
+
+
 def _default_dir(name: str, data_dir: Path | None) -> Path:
-    return data_dir if data_dir is not None else Path("data") / name
+    if data_dir is not None:
+        return data_dir
+    return next((d for d in default_data_dirs(name) if d.exists()), Path("data") / name)
 
 
 def _array_splits(name: str, train_x, train_y, test_x, test_y, class_names, **kw) -> DataSplits:
@@ -209,14 +223,32 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Sneaker", "Bag", "Ankle boot"]
 
 
+def _idx_folder(root: Path) -> Path | None:
+    """The folder under `root` holding the IDX files: the plain folder, or torchvision's layout
+    (<root>/<Name>/raw) when a user already has it; None when there are none."""
+    candidates = [root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"]
+    return next((c for c in candidates if any(c.glob("train-images*"))), None)
+
+
+def _find_idx_folder(name: str, data_dir: Path | None, get_it: str) -> Path:
+    """--data-dir when given (its own errors name the missing file); else the first default
+    location that holds the files, or one line saying where we looked and how to get them."""
+    if data_dir is not None:
+        return _idx_folder(data_dir) or data_dir
+    looked = default_data_dirs(name)
+    for root in looked:
+        if (folder := _idx_folder(root)) is not None:
+            return folder
+    env = "" if os.environ.get(DATA_DIR_ENV) else f" (${DATA_DIR_ENV} is not set)"
+    raise DataError(f"{name} not found in {', '.join(map(str, looked))}{env}: {get_it}, "
+                    f"or pass --data-dir")
+
+
 def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: list[str],
-                  flip: bool) -> DataSplits:
+                  flip: bool, get_it: str, default_preset: str = "mnist-cnn") -> DataSplits:
     from training.readers import read_mnist_split
 
-    root = _default_dir(name, data_dir)
-    # The plain folder, or torchvision's layout (<root>/<Name>/raw) when a user already has it.
-    candidates = [root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"]
-    folder = next((c for c in candidates if any(c.glob("train-images*"))), root)
+    folder = _find_idx_folder(name, data_dir, get_it)
     what = f"{name} training images"
     train_x, train_y = read_mnist_split(folder, "train", source, what)
     test_x, test_y = read_mnist_split(folder, "t10k", source, f"{name} test images")
@@ -224,7 +256,7 @@ def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: li
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DataError(f"{folder}/{where}-labels: a label lies outside 0..{len(class_names) - 1}")
     return _array_splits(name, train_x, train_y, test_x, test_y, class_names,
-                         default_preset="mnist-cnn",
+                         default_preset=default_preset,
                          augment=partial(random_crop_flip, pad=2, flip=flip))
 
 
@@ -234,7 +266,8 @@ def mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
     from training.readers import MNIST_SOURCE
 
     # No flip: a mirrored digit is a different glyph.
-    return _mnist_family("mnist", data_dir, MNIST_SOURCE, MNIST_CLASSES, flip=False)
+    return _mnist_family("mnist", data_dir, MNIST_SOURCE, MNIST_CLASSES, flip=False,
+                         get_it=f"download the four IDX files from {MNIST_SOURCE} into one of them")
 
 
 @register_dataset("fashion-mnist")
@@ -242,7 +275,10 @@ def fashion_mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
     """Fashion-MNIST: the same four IDX file names as MNIST."""
     from training.readers import FASHION_SOURCE
 
-    return _mnist_family("fashion-mnist", data_dir, FASHION_SOURCE, FASHION_CLASSES, flip=True)
+    return _mnist_family("fashion-mnist", data_dir, FASHION_SOURCE, FASHION_CLASSES, flip=True,
+                         get_it=("install it with `apt-get install dataset-fashion-mnist` (Debian), "
+                                 f"or download the four IDX files from {FASHION_SOURCE} into one of them"),
+                         default_preset="fmnist-cnn")
 
 
 def _cifar(name: str, data_dir: Path | None, layout_name: str) -> DataSplits:

@@ -57,6 +57,7 @@ async def model_metadata(name: str, service: ServiceDep) -> dict[str, Any]:
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, service.manifest.num_classes]},
             {"name": "exit_block", "datatype": "INT32", "shape": [-1]},
+            {"name": "operating_point", "datatype": "INT32", "shape": [-1]},
         ],
     }
 
@@ -100,8 +101,9 @@ async def infer_json(service: Service, name: str, headers: Mapping[str, str],
         header, binary = _split_body(headers, await read_body())
         heavy = len(header) > INLINE_DECODE_BYTES
         req, x = await service.decode(ticket, heavy, _decode, header, binary, service)
-        mode = req.parameters.early_exit if req.parameters else None
-        job = await service.infer(x, mode, ticket)
+        params = req.parameters
+        job = await service.infer(x, params.early_exit if params else None, ticket,
+                                  deadline_ms=params.deadline_ms if params else None)
         return _response(name, req, job, service)
 
 
@@ -130,6 +132,10 @@ def _response(name: str, req: V2InferRequest, job, service: Service) -> dict[str
              "data": job.probs.reshape(-1).tolist()},  # (N, C) -> flat, row-major
             {"name": "exit_block", "shape": [n], "datatype": "INT32",
              "data": job.exit_block.tolist()},
+            # index of the operating point that answered each row; -1: off, a fixed threshold
+            # or a missed deadline
+            {"name": "operating_point", "shape": [n], "datatype": "INT32",
+             "data": job.operating_point.tolist()},
         ],
     }
 

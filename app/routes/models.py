@@ -10,6 +10,8 @@ from app.deps import ApiKey, ServiceDep
 from app.schemas import ModelsResponse
 
 router = APIRouter(tags=["models"], dependencies=[ApiKey])
+POINT_FIELDS = {"thresholds", "expected_accuracy", "compute_fraction", "test_accuracy",
+                "test_compute_fraction"}
 
 
 def model_info(service) -> dict[str, Any]:
@@ -24,7 +26,15 @@ def model_info(service) -> dict[str, Any]:
         "class_names": m.class_names,
         "num_classes": m.num_classes,
         "num_blocks": m.num_blocks,
-        "early_exit": {"default_mode": service.settings.EARLY_EXIT, "thresholds": m.thresholds},
+        "early_exit": {
+            "default_mode": service.settings.EARLY_EXIT, "thresholds": m.thresholds,
+            "operating_points": [p.model_dump(include=POINT_FIELDS)
+                                 for p in service.controller.points],
+            "current_point": service.controller.index,
+            "latency_target_ms": service.settings.LATENCY_TARGET_MS,
+            "min_accuracy": service.controller.min_accuracy,
+            "scheduling": service.settings.SCHEDULING,
+        },
         "test_accuracy_per_block": m.test_accuracy_per_block,
         "max_batch_size": service.settings.MAX_BATCH_SIZE,
     }

@@ -24,6 +24,7 @@ from app.decoding import (
 from app.deps import ApiKey, ServiceDep
 from app.errors import ClientError, excerpt
 from app.schemas import (
+    MIN_DEADLINE_MS,
     ErrorResponse,
     PredictOptions,
     PredictRequest,
@@ -48,6 +49,8 @@ _BODY = {
                          "description": "PNG or JPEG images (any field name); one prediction each"},
                 "early_exit": {"type": "string", "description": "auto, off or a threshold such "
                                "as 0.9", "pattern": r"^(auto|off|0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$"},
+                "deadline_ms": {"type": "number", "minimum": MIN_DEADLINE_MS,
+                                "maximum": 600_000},
                 "top_k": {"type": "integer", "minimum": 1},
                 "return_blocks": {"type": "boolean"},
             },
@@ -129,5 +132,6 @@ async def predict_json(service: Service, headers: Mapping[str, str],
 
 async def _predict(service: Service, x: np.ndarray, options: PredictOptions,
                    ticket: Ticket) -> dict[str, Any]:
-    job = await service.infer(x, options.early_exit, ticket, options.return_blocks)
+    job = await service.infer(x, options.early_exit, ticket, options.return_blocks,
+                              options.deadline_ms)
     return {"model": service.model_ref(), "predictions": service.predictions(job, options.top_k)}

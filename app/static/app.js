@@ -139,6 +139,10 @@
     $("meta-thresholds").textContent = th.length
       ? `${th.join(", ")} (default ${ee.default_mode || "auto"})`
       : "none";
+    const points = ee.operating_points || [];
+    showPoint(typeof ee.current_point === "number" ? ee.current_point : 0,
+              points.length && points[ee.current_point || 0]
+                ? points[ee.current_point || 0].expected_accuracy : null);
     const acc = model.test_accuracy_per_block || [];
     $("meta-accuracy").textContent = acc.length ? acc.map(fmtPct).join(" · ") : "n/a";
     const eps = (model.execution_providers || []).join(", ");
@@ -327,13 +331,44 @@
     for (let i = 0; i < h * w; i++) {
       for (let c = 0; c < 3; c++) rgb[c * h * w + i] = data[4 * i + c] / 255;
     }
-    state.image = { name: file.name, width: w, height: h, rgb };
+    // Fit, not stretch: pad the photo to the model's aspect ratio with its own border colour, so
+    // a garment keeps its shape in the 28x28 input (Fashion-MNIST's images are made that way).
+    const fitted = letterbox(rgb, h, w, state.H / state.W);
+    state.image = { name: file.name, width: fitted.w, height: fitted.h, rgb: fitted.rgb };
     state.strokes = [];
-    // Photos of paper are dark ink on a light background, the inverse of the training digits.
+    // Photos of paper (and product shots) are dark on a light background, the inverse of the
+    // training images (light ink or garment on black).
     $("invert-check").checked = borderMean(rgb, h, w) > 0.5;
     showError("");
     redrawCanvas();
     inputChanged();
+  }
+
+  // (3, h, w) planes padded, centred, to aspect ratio h/w = `aspect`, each channel filled with
+  // the mean of its border pixels (the photo's background).
+  function letterbox(rgb, h, w, aspect) {
+    const H = Math.max(h, Math.round(w * aspect));
+    const W = Math.max(w, Math.round(h / aspect));
+    if (H === h && W === w) return { rgb, h, w };
+    const out = new Float32Array(3 * H * W);
+    const top = Math.floor((H - h) / 2);
+    const left = Math.floor((W - w) / 2);
+    for (let c = 0; c < 3; c++) {
+      const src = rgb.subarray(c * h * w, (c + 1) * h * w);
+      let sum = 0;
+      let n = 0;
+      for (let y = 0; y < h; y++) {
+        for (let x = 0; x < w; x++) {
+          if (y !== 0 && y !== h - 1 && x !== 0 && x !== w - 1) continue;
+          sum += src[y * w + x];
+          n++;
+        }
+      }
+      const plane = out.subarray(c * H * W, (c + 1) * H * W);
+      plane.fill(n ? sum / n : 0);
+      for (let y = 0; y < h; y++) plane.set(src.subarray(y * w, (y + 1) * w), (top + y) * W + left);
+    }
+    return { rgb: out, h: H, w: W };
   }
 
   function borderMean(rgb, h, w) {
@@ -648,6 +683,18 @@
     return node;
   }
 
+  // The operating point 'auto' uses now: 0 is the calibrated one; the service moves to cheaper
+  // ones under load when it has a latency target (HFF_LATENCY_TARGET_MS).
+  function showPoint(index, accuracy) {
+    const ee = (state.model && state.model.early_exit) || {};
+    const count = (ee.operating_points || []).length;
+    const target = ee.latency_target_ms ? `, target ${ee.latency_target_ms} ms` : ", no latency target";
+    $("meta-point").textContent =
+      `#${index}${index === 0 ? " (calibrated)" : " (cheaper, under load)"}` +
+      (typeof accuracy === "number" ? `, expected accuracy ${fmtPct(accuracy)}` : "") +
+      ` — ${count} point${count === 1 ? "" : "s"}${target}`;
+  }
+
   function renderPrediction(pred, mode) {
     document.querySelector(".result-panel").classList.remove("stale");
     const L = state.model.num_blocks;
@@ -664,6 +711,17 @@
         `Exited at block ${pred.exit_block} of ${L}`,
         early ? ` — early exit, ${saved} block${saved > 1 ? "s" : ""} skipped` : ""),
     );
+    const point = pred.operating_point;
+    if (point && typeof point.index === "number") {
+      showPoint(point.index, point.expected_accuracy);
+      box.append(el("p", { class: "pred-point", id: "pred-point" },
+        `Operating point #${point.index}` + (typeof point.expected_accuracy === "number"
+          ? ` (expected accuracy ${fmtPct(point.expected_accuracy)})` : "")));
+    }
+    if (pred.deadline_missed) {
+      box.append(el("p", { class: "pred-point" },
+        "Answered from the block it reached: its deadline passed"));
+    }
     if (Array.isArray(pred.top_k) && pred.top_k.length > 1) {
       const list = el("ol", { class: "topk", "aria-label": "Top classes" });
       for (const t of pred.top_k) {
@@ -751,7 +809,7 @@
   }
 
   // A handle for tests and for curious users in the console.
-  window.hffDemo = { state, areaResize };
+  window.hffDemo = { state, areaResize, letterbox };
 
   syncExitControls();
   loadModel();

@@ -218,6 +218,9 @@ def test_draw_a_digit_predict_and_see_each_block(site, browser):
     assert sent[0, 3:5, 3:5].max() < 0.2 and sent[0, :, 1].max() > 0.5
     assert shown["class_name"] == "0"
     _check_blocks(shown, num_blocks)
+    # the operating point that answered ('auto', no latency target: the calibrated one)
+    assert browser.find_element(By.ID, "pred-point").text.startswith("Operating point #0")
+    assert browser.find_element(By.ID, "meta-point").text.startswith("#0 (calibrated)")
     # The page shows what the service answers for exactly the array the page sent.
     direct = _api_predict(site, shown["request"])
     assert (direct["class_name"], direct["exit_block"]) == (shown["class_name"], shown["exit_block"])
@@ -301,6 +304,28 @@ def test_the_page_downsamples_by_exact_area_averaging(site, browser, src, dst):
         " arguments[1], arguments[2], arguments[3], arguments[4]))",
         plane.ravel().tolist(), *src, *dst)
     np.testing.assert_allclose(np.reshape(got, dst), _area_reference(plane, dst), atol=1e-5)
+
+
+def test_an_upload_is_fitted_to_the_model_not_stretched(site, browser):
+    """A wide photo is padded top and bottom (a tall one left and right) to the model's aspect
+    ratio with its border colour, so a garment keeps its shape on the way to 28x28."""
+    browser.get(site + "/")
+    h, w = 2, 4
+    rgb = np.full((3, h, w), 0.9, dtype=np.float32)  # a light background ...
+    rgb[:, :, 1:3] = 0.2  # ... with a dark object in the middle columns
+    got = browser.execute_script(
+        "const r = window.hffDemo.letterbox(Float32Array.from(arguments[0]), arguments[1],"
+        " arguments[2], arguments[3]); return [r.h, r.w, Array.from(r.rgb)]",
+        rgb.ravel().tolist(), h, w, 1.0)
+    assert got[:2] == [4, 4]
+    planes = np.reshape(got[2], (3, 4, 4))
+    border = rgb[0][[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 3, 0, 1, 2, 3]].mean()  # every pixel is on it
+    np.testing.assert_allclose(planes[:, 0], border, atol=1e-6)  # the padding: the border colour
+    np.testing.assert_allclose(planes[:, 1:3], rgb, atol=1e-6)  # the photo, centred, unscaled
+    tall = browser.execute_script(
+        "const r = window.hffDemo.letterbox(new Float32Array(3 * 6 * 2), 6, 2, 1.0);"
+        " return [r.h, r.w]")
+    assert tall == [6, 6]
 
 
 def test_phone_width_keyboard_and_labels(site, browser):

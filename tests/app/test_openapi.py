@@ -74,7 +74,8 @@ def test_schemathesis_finds_no_server_error_and_reaches_infer(fuzzed_server, tmp
     metrics = httpx.get(f"{fuzzed_server.url}/metrics", timeout=30).text
     counts = {(route, status): float(n) for route, status, n in re.findall(
         r'^hff_requests_total\{route="([^"]+)",status="(\d+)"\} (\S+)$', metrics, re.M)}
-    assert not [key for key in counts if key[1].startswith("5")], counts
+    # ServerProcess polls /readyz while the model warms up: those 503s are not the fuzzer's
+    assert not [key for key in counts if key[1].startswith("5") and key[0] != "/readyz"], counts
     infer = {status: n for (route, status), n in counts.items()
              if route == "/v2/models/{name}/infer"}
     assert infer.get("200", 0) >= 1 and sum(infer.values()) > infer.get("404", 0), infer

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from app.batcher import Batcher, QueueFull, ShuttingDown
+from app.batcher import Batcher, DeadlineExpired, QueueFull, ShuttingDown
 from app.metrics import Metrics
 from app.runtime import StageOutput
 
@@ -169,3 +170,107 @@ def test_invalid_batcher_settings_name_a_valid_value():
         Batcher(ScriptedRuntime(), Metrics(), max_batch_size=0)
     with pytest.raises(ValueError, match="e.g. 2.0"):
         Batcher(ScriptedRuntime(), Metrics(), max_wait_ms=-1)
+
+
+# --- stage-level scheduling, deadlines and the load controller (issue 14) -------------------
+
+class HoldingRuntime(ScriptedRuntime):
+    """ScriptedRuntime whose stage calls wait on `gate` when a row's id is in `held`, and
+    sleep `delay` seconds per call (a synthetic slow stage)."""
+
+    def __init__(self, held: set[int] = frozenset(), delay: float = 0.0):
+        super().__init__()
+        self.held, self.delay = set(held), delay
+        self.hold = threading.Event()
+
+    def run_stage(self, k, x, rows_):
+        if self.held & set(x[:, 0, 0, 0].astype(int).tolist()):
+            self.hold.wait(timeout=10)
+        if self.delay:
+            time.sleep(self.delay)
+        return super().run_stage(k, x, rows_)
+
+
+@pytest.mark.parametrize("scheduling", ["stage", "batch"])
+def test_many_requests_lose_no_row_and_keep_their_order(scheduling):
+    """Requests of random sizes and exits, mixed with early exit off, submitted while earlier
+    ones run: every row answered once, at its block, in its request's order."""
+    rng = np.random.default_rng(0)
+
+    async def go():
+        runtime = ScriptedRuntime()
+        b = Batcher(runtime, Metrics(), max_batch_size=8, max_wait_ms=1, scheduling=scheduling)
+        b.start()
+        jobs, want = [], []
+        for i in range(60):
+            n = int(rng.integers(1, 12))
+            ids = np.arange(n) + 100 * i
+            sure_at = rng.integers(1, BLOCKS + 1, n)
+            off = i % 7 == 0
+            jobs.append(b.submit(rows(ids, sure_at), None if off else THRESHOLDS, False))
+            want.append((ids, np.full(n, BLOCKS) if off else sure_at))
+            if i % 5 == 0:
+                await asyncio.sleep(0.001)  # let a few stages run between arrivals
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 10)
+        await b.stop()
+        return runtime, jobs, want, b
+
+    runtime, jobs, want, b = run(go())
+    for job, (ids, blocks) in zip(jobs, want, strict=True):
+        assert job.exit_block.tolist() == blocks.tolist()
+        assert job.probs.argmax(1).tolist() == (ids % CLASSES).tolist()
+    staged = sum(len(ids) for (ids, _), j in zip(want, jobs, strict=True) if j.thresholds is not None)
+    assert sum(r for blk, r in runtime.stage_rows if blk == 1) == staged  # each row ran block 1 once
+    assert b.accepted_requests == b.answered_requests == 60 and b._in_flight == 0
+
+
+def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
+    """Half of each batch exits at block 1: run-to-the-end runs block 2 on half batches, the
+    stage-level scheduler joins the survivors of two stage-1 batches into one full batch."""
+    def sizes(scheduling):
+        async def go():
+            runtime = ScriptedRuntime()
+            b = Batcher(runtime, Metrics(), max_batch_size=4, max_wait_ms=1000,
+                        scheduling=scheduling)
+            b.start()
+            jobs = [b.submit(rows([4 * i + j for j in range(4)], [1, 3, 1, 3]), THRESHOLDS, False)
+                    for i in range(4)]
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+            await b.stop()
+            return runtime.stage_rows, jobs
+        return run(go())
+
+    batch_calls, batch_jobs = sizes("batch")
+    stage_calls, stage_jobs = sizes("stage")
+    assert [r for blk, r in batch_calls if blk == 2] == [2, 2, 2, 2]
+    assert [r for blk, r in stage_calls if blk == 2] == [4, 4]
+    assert len(stage_calls) < len(batch_calls)
+    for a, c in zip(batch_jobs, stage_jobs, strict=True):  # the same answers either way
+        assert a.exit_block.tolist() == c.exit_block.tolist() == [1, 3, 1, 3]
+
+
+def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
+    async def go():
+        runtime = HoldingRuntime(held={99})
+        b = Batcher(runtime, Metrics(), max_batch_size=2, max_wait_ms=1000)
+        b.start()
+        late = b.submit(rows([1], [3]), THRESHOLDS, True, deadline=time.monotonic() + 0.2)
+        quick = b.submit(rows([2], [1]), THRESHOLDS, False)
+        blocker = b.submit(rows([99, 99], [1, 1]), THRESHOLDS, False)  # holds block 1 a while
+        await asyncio.wait_for(quick.future, 5)
+        await asyncio.sleep(0.3)  # `late` waits for block 2 behind the held call, past its deadline
+        runtime.hold.set()
+        await asyncio.wait_for(asyncio.gather(late.future, blocker.future), 5)
+        expired = b.submit(rows([3], [1]), THRESHOLDS, False, deadline=time.monotonic() - 1)
+        with pytest.raises(DeadlineExpired, match="deadline_ms"):
+            await asyncio.wait_for(expired.future, 5)
+        await b.stop()
+        return late, b
+
+    late, b = run(go())
+    assert late.exit_block.tolist() == [1] and late.deadline_missed.tolist() == [True]
+    assert late.operating_point.tolist() == [-1]
+    assert [blk["block"] for blk in late.blocks[0]] == [1]  # block 2 never ran for it
+    assert b.metrics.deadline_misses.labels(outcome="answered")._value.get() == 1
+    assert b.metrics.deadline_misses.labels(outcome="refused")._value.get() == 1
+    assert b._in_flight == 0

@@ -234,7 +234,14 @@ def test_models_route_describes_the_model(client, ref):
     assert info["input"] == {"name": "input", "shape": [1, 8, 8], "dtype": "float32",
                              "range": [0.0, 1.0]}
     assert info["num_blocks"] == m["num_blocks"] and info["num_classes"] == 10
-    assert info["early_exit"] == {"default_mode": "auto", "thresholds": m["early_exit"]["thresholds"]}
+    ee, points = info["early_exit"], m["early_exit"]["operating_points"]
+    assert ee["default_mode"] == "auto" and ee["thresholds"] == m["early_exit"]["thresholds"]
+    assert ee["current_point"] == 0 and ee["latency_target_ms"] is None
+    assert ee["scheduling"] == "stage"
+    floor = points[0]["expected_accuracy"] - 0.02  # the default HFF_MIN_ACCURACY
+    assert ee["min_accuracy"] == pytest.approx(floor)
+    usable = [p for p in points if p["expected_accuracy"] >= floor]
+    assert [p["thresholds"] for p in ee["operating_points"]] == [p["thresholds"] for p in usable]
     assert info["test_accuracy_per_block"] == m["test_accuracy_per_block"]
     assert info["max_batch_size"] == 32
     assert "/predict" in client.get("/openapi.json").json()["paths"]

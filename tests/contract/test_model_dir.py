@@ -120,3 +120,21 @@ def test_stage_shapes_must_chain(tmp_path):
     write_model_dir(tmp_path, manifest_dict(stages=stages))
     with pytest.raises(ModelDirError, match=r"stages\[1\].input_shape is \[1, 8, 8\], but it is fed"):
         load_manifest(tmp_path)
+
+
+def test_a_manifest_without_operating_points_has_the_calibrated_point_alone(tmp_path):
+    write_model_dir(tmp_path, manifest_dict(early_exit={
+        "thresholds": [0.9], "expected_accuracy": 0.95, "compute_fraction": 0.6}))
+    points = load_manifest(tmp_path).operating_points
+    assert [(p.thresholds, p.expected_accuracy, p.compute_fraction) for p in points] == \
+        [([0.9], 0.95, 0.6)]
+    write_model_dir(tmp_path, manifest_dict(early_exit=None))
+    assert [p.thresholds for p in load_manifest(tmp_path).operating_points] == [[None]]
+
+
+def test_operating_points_need_one_threshold_per_early_block(tmp_path):
+    point = {"thresholds": [0.9, 0.8], "expected_accuracy": 0.9, "compute_fraction": 0.5}
+    write_model_dir(tmp_path, manifest_dict(early_exit={"thresholds": [0.9],
+                                                        "operating_points": [point]}))
+    with pytest.raises(ModelDirError, match=r"operating_points\[0\].thresholds has 2 values"):
+        load_manifest(tmp_path)

@@ -31,7 +31,7 @@ MANIFEST_KEYS = {
 }
 EARLY_EXIT_KEYS = {
     "epsilon", "confidence", "thresholds", "expected_exit_fraction", "expected_accuracy", "full_accuracy",
-    "mean_blocks", "compute_fraction", "test_accuracy", "test_compute_fraction",
+    "mean_blocks", "compute_fraction", "test_accuracy", "test_compute_fraction", "operating_points",
 }
 
 
@@ -94,6 +94,33 @@ def test_block_macs_follow_the_formula():
     assert onnx_graphs.block_macs(mlp, (1, 8, 8)) == [
         64 * 256 + 256 * 20, 256 * 256 + 256 * 20, 256 * 256 + 256 * 20]
     assert mlp.training
+
+
+def test_fmnist_cnn_graphs_match_torch(tmp_path):
+    """The Fashion-MNIST preset (4 blocks, 28 -> 14 -> 7 -> 7 -> 3) exports whole and in stages,
+    and onnxruntime gives torch's probabilities at batch 1 and 5; MACs per block as documented."""
+    from contract.model_dir import FULL_GRAPH, STAGE_OUTPUTS, full_graph_outputs, stage_file
+    from training.data import FASHION_CLASSES
+
+    cfg = preset_config("fmnist-cnn", class_names=FASHION_CLASSES)
+    torch.manual_seed(0)
+    net = HFFNet(cfg).eval()
+    full = onnx_graphs.FullGraph(net).eval()
+    example = torch.rand(onnx_graphs.EXAMPLE_BATCH, *cfg.input_shape)
+    onnx_graphs.export_graph(full, example, tmp_path / FULL_GRAPH, full_graph_outputs(cfg.num_blocks),
+                             onnx_verify.DEFAULT_OPSET)
+    h = example
+    for k in range(1, cfg.num_blocks + 1):
+        stage = onnx_graphs.StageGraph(net, k - 1).eval()
+        onnx_graphs.export_graph(stage, h, tmp_path / stage_file(k), STAGE_OUTPUTS,
+                                 onnx_verify.DEFAULT_OPSET)
+        with torch.no_grad():
+            h, _ = stage(h)
+    assert tuple(h.shape[1:]) == (192, 3, 3)
+    assert onnx_verify.verify_parity(full, tmp_path, cfg.num_blocks, cfg.input_shape,
+                                     batches=(1, 5)) <= onnx_verify.PARITY_ATOL
+    macs = onnx_graphs.block_macs(net, cfg.input_shape)
+    assert macs[-1] > macs[0] and sum(macs) < 20_000_000  # the cheap 28x28 block, ~18 M in all
 
 
 @pytest.mark.parametrize("opset", ["17", "99"])
@@ -195,6 +222,22 @@ def test_manifest_is_complete(tiny_run, tiny_export):
     assert ee["expected_accuracy"] >= ee["full_accuracy"] - ee["epsilon"] - 1e-12
     assert len(m["test_accuracy_per_block"]) == 2
     assert m["created_at"].endswith("Z")
+    check_operating_points(m)
+
+
+def check_operating_points(m: dict) -> None:
+    """The calibrated point first, then strictly cheaper ones, each what its thresholds do."""
+    ee = m["early_exit"]
+    points = ee["operating_points"]
+    assert points[0]["thresholds"] == ee["thresholds"] and points[0]["epsilon"] == ee["epsilon"]
+    assert points[0]["expected_accuracy"] == ee["expected_accuracy"]
+    assert points[0]["test_compute_fraction"] == ee["test_compute_fraction"]
+    computes = [p["compute_fraction"] for p in points]
+    assert computes == sorted(computes, reverse=True) and len(set(computes)) == len(computes)
+    assert [p["epsilon"] for p in points] == sorted(p["epsilon"] for p in points)
+    for p in points:
+        assert len(p["thresholds"]) == m["num_blocks"] - 1
+        assert 0.0 < p["compute_fraction"] <= 1.0 and 0.0 <= p["test_accuracy"] <= 1.0
 
 
 def check_thresholds_reproduce_val_accuracy(model_dir: Path) -> None:
@@ -339,6 +382,12 @@ def test_digits_early_exit_meets_the_target(digits_export):
     cost = np.cumsum([s["macs"] for s in m["stages"]]) / sum(s["macs"] for s in m["stages"])
     assert cost[exits].mean() <= 0.8
     assert ee["test_compute_fraction"] <= 0.8
+    check_operating_points(m)
+    # the cheaper points are what their thresholds do on test, through the real stage graphs
+    for point in ee["operating_points"][1:]:
+        preds, exits = early_exit_onnx(digits_export, {**m, "early_exit": point}, x)
+        assert abs((preds == y).mean() - point["test_accuracy"]) <= 2 / len(y)
+        assert abs(cost[exits].mean() - point["test_compute_fraction"]) <= 0.01
 
 
 @pytest.mark.slow

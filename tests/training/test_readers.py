@@ -55,7 +55,7 @@ def test_fashion_mnist_class_names(tmp_path):
     write_mnist(tmp_path, n_train=50, n_test=10)
     splits = load_dataset("fashion-mnist", tmp_path)
     assert splits.class_names == FASHION_CLASSES
-    assert splits.default_preset == "mnist-cnn"
+    assert splits.default_preset == "fmnist-cnn"
 
 
 def test_read_idx_roundtrip_and_truncation(tmp_path):
@@ -214,3 +214,68 @@ def test_cli_trains_on_an_image_folder_and_reports_a_bad_image_from_a_worker(tmp
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "0.png is not a readable image" in lines[0], bad.stderr[-2000:]
+
+
+# --- default data locations -------------------------------------------------------------------
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def no_default_data(tmp_path, monkeypatch):
+    """No data where the defaults look: an empty cwd, $HFF_DATA_DIR and the system dir elsewhere."""
+    import training.data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HFF_DATA_DIR", raising=False)
+    monkeypatch.setattr(training.data, "SYSTEM_DATA_DIR", tmp_path / "system")
+    return tmp_path
+
+
+def test_data_dir_defaults_to_hff_data_dir_then_the_system_dir(no_default_data, monkeypatch):
+    import training.data
+
+    system = no_default_data / "system"
+    write_mnist(system / "fashion-mnist", n_train=30, n_test=10, seed=1)
+    assert len(load_dataset("fashion-mnist").test) == 10  # found in the system dir
+    write_mnist(no_default_data / "mine" / "fashion-mnist", n_train=50, n_test=20, seed=2)
+    monkeypatch.setenv("HFF_DATA_DIR", str(no_default_data / "mine"))
+    assert len(load_dataset("fashion-mnist").test) == 20  # $HFF_DATA_DIR comes first
+    assert training.data.default_data_dirs("mnist")[0] == no_default_data / "mine" / "mnist"
+
+
+def test_data_absent_is_one_line_naming_where_and_how(no_default_data, monkeypatch):
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "data/fashion-mnist" in message and str(no_default_data / "system" / "fashion-mnist") in message
+    assert "$HFF_DATA_DIR is not set" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "zalandoresearch" in message
+    monkeypatch.setenv("HFF_DATA_DIR", str(no_default_data / "nothing"))
+    with pytest.raises(DataError, match=r"not found in .*nothing/mnist, .*yann\.lecun\.com"):
+        load_dataset("mnist")
+
+
+def test_cli_without_data_is_one_line_and_exit_2(no_default_data, capsys):
+    from training.cli import main
+
+    assert main(["--dataset", "fashion-mnist", "--out", str(no_default_data / "run"),
+                 "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hff-train: error: fashion-mnist not found in ")
+    assert not (no_default_data / "run").exists()
+
+
+@pytest.mark.skipif(not FASHION_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_installed_fashion_mnist_files_read(monkeypatch):
+    monkeypatch.delenv("HFF_DATA_DIR", raising=False)
+    monkeypatch.chdir(ROOT / "tests")  # no data/fashion-mnist here: the system dir is used
+    splits = load_dataset("fashion-mnist")
+    assert splits.info == {"train": 54000, "val": 6000, "test": 10000}
+    assert splits.input_shape == (1, 28, 28)
+    y = splits.test.labels
+    assert torch.bincount(y, minlength=10).tolist() == [1000] * 10  # the official balanced test set
+    x, _ = splits.test[0]
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.mean()) > 0.05
+    assert splits.mean[0] == pytest.approx(0.286, abs=0.005)  # Fashion-MNIST's known pixel mean

@@ -1,0 +1,319 @@
+"""Overload: open-loop Poisson arrivals past capacity, run-to-the-end vs stage-level vs adaptive.
+
+Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
+    python bench/overload.py saturate --model models/digits32            # capacity, both schedulers
+    python bench/overload.py sweep --model models/digits32 --capacity 900 \\
+        --loads 0.5 1 1.5 2 3 --results docs/overload.json           # appends rows, prints them
+    python bench/overload.py plot --results docs/overload.json --out docs/overload.png
+
+Three server configurations, the same in everything else (one onnxruntime thread, max batch 64,
+the admission queue sized to the latency target so that no configuration queues for seconds):
+  run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
+  stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
+  stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
+`saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
+schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
+Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
+binary tensors) for `--seconds` after a warm-up; latency counts from each request's scheduled
+arrival, so a client that falls behind shows as latency, not as a lighter load. Goodput is the
+answers (200) within the target per second. The server runs on CPU 0 and the load generator on
+CPU 1 where the machine has two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_load does
+    Payload,
+    RawConnection,
+    Server,
+    bodies,
+    first_answer,
+    run_loop,
+    test_images,
+)
+
+CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive")
+
+
+def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
+    s = {"threads": 1, "max_batch_size": 64, "max_batch_wait_ms": 2, "queue_bound": queue_rows,
+         "queue_wait_s": target_ms / 2000, "max_connections": 4096,
+         "scheduling": "batch" if config.startswith("run-to-the-end") else "stage"}
+    if config.endswith("adaptive"):
+        s["latency_target_ms"] = target_ms
+    return s
+
+
+def pin(server: Server, cpu: int) -> None:
+    """Every thread of the server on `cpu`, this process on the others (when there are two)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
+        os.sched_setaffinity(int(tid), {cpus[cpu]})
+    os.sched_setaffinity(0, set(cpus) - {cpus[cpu]})
+
+
+def start(model: Path, config: str, target_ms: float, queue_rows: int) -> Server:
+    server = Server(model, **settings_for(config, target_ms, queue_rows))
+    pin(server, 0)
+    return server
+
+
+async def closed_loop(url: str, payloads: list[Payload], labels: np.ndarray, outstanding: int,
+                      seconds: float, warmup: float) -> dict:
+    done, correct = 0, 0
+    t0 = time.perf_counter()
+    measure_from, stop_at = t0 + warmup, t0 + warmup + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done, correct
+        conn, i = RawConnection(url), w
+        try:
+            while time.perf_counter() < stop_at:
+                status, body = await conn.post(payloads[i % len(payloads)])
+                t1 = time.perf_counter()
+                if status == 200 and measure_from <= t1 < stop_at:
+                    done += 1
+                    correct += first_answer(body)["label"] == labels[i % len(payloads)]
+                i += outstanding
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(worker(w) for w in range(outstanding)))
+    return {"throughput": done / seconds, "accuracy": correct / max(done, 1)}
+
+
+async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate: float,
+                    seconds: float, warmup: float, target_s: float, seed: int) -> dict:
+    """Poisson arrivals at `rate` a second; every request on its own connection from a pool."""
+    rng = np.random.default_rng(seed)
+    idle: list[RawConnection] = []
+    latencies: list[float] = []
+    counts: dict[int | str, int] = {}
+    good = correct = 0
+    blocks: list[int] = []
+    t_start = time.perf_counter() + 0.05
+    measure_from, stop_at = t_start + warmup, t_start + warmup + seconds
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal good, correct
+        conn = idle.pop() if idle else RawConnection(url)
+        try:
+            status, body = await conn.post(payloads[i % len(payloads)])
+        except (ConnectionError, asyncio.IncompleteReadError):
+            status, body = "closed", b""
+            await conn.close()
+            conn = None
+        latency = time.perf_counter() - scheduled
+        if conn is not None:
+            idle.append(conn)
+        if not measure_from <= scheduled < stop_at:
+            return
+        counts[status] = counts.get(status, 0) + 1
+        if status == 200:
+            answer = first_answer(body)
+            latencies.append(latency)
+            good += latency <= target_s
+            correct += answer["label"] == labels[i % len(payloads)]
+            blocks.append(answer["exit_block"])
+
+    tasks = set()
+    t, i = t_start, 0
+    while t < stop_at:
+        t += rng.exponential(1.0 / rate)
+        delay = t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, t))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        await conn.close()
+    lat = np.array(latencies or [float("nan")]) * 1000
+    ok = counts.pop(200, 0)
+    return {"offered": rate, "goodput": good / seconds, "throughput": ok / seconds,
+            "p50": float(np.median(lat)), "p99": float(np.percentile(lat, 99)),
+            "429": counts.pop(429, 0), "503": counts.pop(503, 0),
+            "other": {str(k): v for k, v in counts.items()},
+            "accuracy": correct / max(ok, 1), "mean_exit_block": float(np.mean(blocks or [0]))}
+
+
+def machine() -> str:
+    import onnxruntime
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}")
+
+
+def load_inputs(model: Path, count: int):
+    manifest = json.loads((model / "manifest.json").read_text())
+    x, y = test_images(manifest["dataset"])
+    x, y = x[:count], y[:count]
+    return manifest, bodies(x, "auto", "binary", manifest["name"]), y
+
+
+def saturate(args: argparse.Namespace) -> int:
+    manifest, payloads, y = load_inputs(args.model, args.images)
+    queue_rows = 4096  # saturation: room for every outstanding request
+    servers = {c: start(args.model, c, args.target_ms, queue_rows) for c in CONFIGS[:2]}
+    if args.baseline_repo:  # the batcher before issue 14, from another checkout, as it was
+        from bench import serve_load
+
+        here, serve_load.REPO = serve_load.REPO, args.baseline_repo.resolve()
+        try:
+            servers["run-to-the-end, previous batcher"] = start(
+                args.model, CONFIGS[0], args.target_ms, queue_rows)
+        finally:
+            serve_load.REPO = here
+    runs: dict[str, list[dict]] = {c: [] for c in servers}
+    try:
+        for s in servers.values():  # warm-up
+            run_loop(closed_loop(s.url, payloads, y, args.outstanding, 1.0, 0.5))
+        for _ in range(args.repeats):
+            for c, s in servers.items():
+                runs[c].append(run_loop(closed_loop(s.url, payloads, y, args.outstanding,
+                                                    args.seconds, 1.0)))
+    finally:
+        for s in servers.values():
+            s.close()
+    print(f"# saturation, {manifest['name']} ({manifest['preset']} on {manifest['dataset']}), "
+          f"{args.outstanding} requests outstanding, {args.seconds:g} s x {args.repeats} "
+          f"interleaved repeats; {machine()}")
+    print("| scheduler | images/s (median) | all runs | accuracy |")
+    print("|---|---|---|---|")
+    for c, r in runs.items():
+        tput = [v["throughput"] for v in r]
+        print(f"| {c} | {np.median(tput):.0f} | {', '.join(f'{v:.0f}' for v in tput)} | "
+              f"{np.mean([v['accuracy'] for v in r]) * 100:.2f}% |")
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    manifest, payloads, y = load_inputs(args.model, args.images)
+    # the admission queue holds what the server can answer within half the target
+    queue_rows = max(64, int(args.capacity * args.target_ms / 2000))
+    rows = []
+    configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
+    for config in configs:
+        server = start(args.model, config, args.target_ms, queue_rows)
+        try:
+            run_loop(open_loop(server.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
+                               args.target_ms / 1000, 0))  # warm-up
+            for load in args.loads:
+                r = run_loop(open_loop(server.url, payloads, y, args.capacity * load,
+                                       args.seconds, args.warmup, args.target_ms / 1000,
+                                       seed=int(load * 100)))
+                r.update(config=config, load=load, capacity=args.capacity,
+                         target_ms=args.target_ms, queue_rows=queue_rows, machine=machine(),
+                         model=manifest["name"])
+                rows.append(r)
+                print_row(r, flush=True)
+        finally:
+            server.close()
+    if args.results:
+        path = Path(args.results)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        keep = [o for o in old if (o["config"], o["load"]) not in {(r["config"], r["load"])
+                                                                     for r in rows}]
+        path.write_text(json.dumps(keep + rows, indent=1) + "\n")
+    return 0
+
+
+HEADER = ("| load | configuration | offered/s | goodput/s | answered/s | p50 ms | p99 ms | "
+          "429 | 503 | other | accuracy | mean exit block |\n|---|---|---|---|---|---|---|---|---|"
+          "---|---|---|")
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    other = ", ".join(f"{k}: {v}" for k, v in r["other"].items()) or "0"
+    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | "
+          f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']} | {r['503']} | "
+          f"{other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} |", flush=flush)
+
+
+def plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(Path(args.results).read_text())
+    first = rows[0]
+    print(f"# overload, {first['model']}, capacity {first['capacity']:g} images/s (run-to-the-end "
+          f"at the calibrated point), target {first['target_ms']:g} ms, admission queue "
+          f"{first['queue_rows']} rows; {first['machine']}")
+    print(HEADER)
+    for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
+        print_row(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for config, style in zip(CONFIGS, ("o-", "s--", "^-"), strict=True):
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["load"])
+        if not mine:
+            continue
+        loads = [r["load"] for r in mine]
+        ax1.plot(loads, [r["goodput"] for r in mine], style, label=config)
+        ax2.plot(loads, [r["accuracy"] * 100 for r in mine], style, label=config)
+    ax1.set_xlabel("offered load (x capacity)")
+    ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s)")
+    ax2.set_xlabel("offered load (x capacity)")
+    ax2.set_ylabel("accuracy of the answers (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{first['model']}: open-loop Poisson arrivals, capacity "
+                 f"{first['capacity']:g} images/s")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"plot: {args.out}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("saturate", "sweep"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", type=Path, default=REPO / "models/digits32")
+        s.add_argument("--target-ms", type=float, default=100.0)
+        s.add_argument("--seconds", type=float, default=6.0)
+        s.add_argument("--images", type=int, default=2000, help="test images cycled through")
+    sat = sub.choices["saturate"]
+    sat.add_argument("--outstanding", type=int, default=128)
+    sat.add_argument("--repeats", type=int, default=3)
+    sat.add_argument("--baseline-repo", type=Path, default=None,
+                     help="a checkout of the code before issue 14 (git worktree add DIR da15f04): "
+                          "its run-to-the-end batcher runs beside the two")
+    sw = sub.choices["sweep"]
+    sw.add_argument("--capacity", type=float, required=True, help="images/s from `saturate`")
+    sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
+    sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
+    sw.add_argument("--warmup", type=float, default=2.0)
+    sw.add_argument("--results", default=None, help="JSON file the rows are merged into")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--results", required=True)
+    pl.add_argument("--out", default=str(REPO / "docs/overload.png"))
+    args = p.parse_args()
+    if getattr(args, "model", None) is not None:
+        args.model = args.model.resolve()  # servers may run from another checkout's dir
+    return {"saturate": saturate, "sweep": sweep, "plot": plot}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The load controller: down the operating points when the queue would miss the target, back up
+when it calms down, hysteresis in between, never below the floor; and inside the batcher under a
+synthetic slow stage, where 'off' and explicit thresholds never change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from app.batcher import Batcher
+from app.controller import LoadController
+from app.metrics import Metrics
+from contract.model_dir import OperatingPoint
+from tests.app.test_service_batcher import BLOCKS, HoldingRuntime, rows
+
+POINTS = [OperatingPoint(thresholds=[t, t], expected_accuracy=a, compute_fraction=c)
+          for t, a, c in ((0.99, 0.97, 0.9), (0.9, 0.965, 0.7), (0.5, 0.955, 0.5),
+                          (0.3, 0.90, 0.3))]
+
+
+def test_moves_down_with_a_dwell_up_after_calm_and_stays_in_between():
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.05, up_dwell_s=1.0)
+    assert c.enabled and c.min_accuracy == pytest.approx(0.95)
+    assert len(c.points) == 3  # point 3 (0.90) is under the default floor (0.97 - 0.02)
+    assert c.update(0.0, 0, 0.06) == 1  # the oldest row waited over half the target: cheaper
+    assert c.update(0.01, 0, 0.2) == 1  # within the dwell: no second move yet
+    assert c.update(0.06, 0, 0.2) == 2
+    assert c.update(0.2, 0, 0.5) == 2  # the floor: no cheaper point is allowed
+    for t in np.arange(0.3, 3.0, 0.1):  # between the bounds (15..50 ms): it stays
+        assert c.update(float(t), 0, 0.03) == 2
+    assert c.update(3.0, 0, 0.001) == 2  # calm starts ...
+    assert c.update(3.5, 0, 0.001) == 2
+    assert c.update(4.01, 0, 0.001) == 1  # ... and after a second of it, one step back up
+    assert c.update(4.5, 0, 0.03) == 1  # a moment in the middle band resets the calm
+    assert c.update(5.2, 0, 0.001) == 1
+    assert c.update(6.3, 0, 0.001) == 0
+    assert c.thresholds.tolist() == [0.99, 0.99]
+
+
+def test_a_backlog_counts_before_its_rows_have_aged():
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0)
+    for _ in range(10):  # 1000 rows per second of inference
+        c.answered(100, 0.1)
+    assert c.update(1.0, 20, 0.0) == 0  # 20 queued rows are 20 ms of work
+    assert c.update(1.0, 200, 0.0) == 1  # 200 are 200 ms: over half the target
+
+
+def test_without_a_target_or_with_a_high_floor_it_stays_at_the_calibrated_point():
+    assert not LoadController(POINTS).enabled
+    assert LoadController(POINTS).update(0.0, 10_000, 10.0) == 0
+    c = LoadController(POINTS, target_ms=10, min_accuracy=0.969)
+    assert len(c.points) == 1 and not c.enabled
+    c = LoadController(POINTS, target_ms=10, min_accuracy=0.5)
+    assert len(c.points) == 4
+
+
+def test_the_batcher_degrades_auto_under_a_slow_stage_and_recovers_but_never_off_or_fixed():
+    """A stage that takes 20 ms with a 30 ms target: the queue outgrows the target, 'auto' rows
+    move to cheaper points; 'off' rows still run every block and an explicit threshold keeps
+    its value. When the stage is fast again and traffic is light, the point goes back to 0."""
+    points = [OperatingPoint(thresholds=[1.0, 1.0], expected_accuracy=0.97, compute_fraction=1.0),
+              OperatingPoint(thresholds=[0.9, 0.9], expected_accuracy=0.96, compute_fraction=0.5)]
+
+    async def go():
+        runtime = HoldingRuntime(delay=0.02)
+        controller = LoadController(points, target_ms=30, up_dwell_s=0.3)
+        metrics = Metrics()
+        b = Batcher(runtime, metrics, max_batch_size=4, max_wait_ms=0, controller=controller)
+        b.start()
+        # rows sure from block 1 on: point 0 (threshold 1.0) never exits early, point 1 does
+        auto = [b.submit(rows([i] * 4, [1] * 4), controller.thresholds, True, adaptive=True)
+                for i in range(20)]
+        off = b.submit(rows([7, 7], [1, 1]), None, True)
+        fixed = b.submit(rows([8, 8], [1, 1]), np.array([0.93, 0.93]), True)
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in auto), off.future,
+                                              fixed.future), 20)
+        lowest = metrics.operating_point._value.get()
+        moved_down = controller.index
+        runtime.delay = 0.0
+        recovered = []
+        t_end = time.monotonic() + 5
+        while time.monotonic() < t_end and controller.index != 0:
+            job = b.submit(rows([1], [1]), controller.thresholds, False, adaptive=True)
+            await asyncio.wait_for(job.future, 5)
+            recovered.append(int(job.operating_point[0]))
+            await asyncio.sleep(0.05)
+        await b.stop()
+        return auto, off, fixed, moved_down, lowest, controller, recovered
+
+    auto, off, fixed, moved_down, lowest, controller, recovered = run(go())
+    assert moved_down == 1 and lowest == 1
+    answered_by = np.concatenate([j.operating_point for j in auto])
+    assert (answered_by == 1).any()  # some auto rows were answered at the cheaper point ...
+    exits = np.concatenate([j.exit_block for j in auto])
+    assert (exits[answered_by == 1] < BLOCKS).all()  # ... and early, which point 0 never does
+    assert (exits[answered_by == 0] == BLOCKS).all()
+    assert off.exit_block.tolist() == [BLOCKS, BLOCKS] and off.operating_point.tolist() == [-1, -1]
+    assert fixed.exit_block.tolist() == [1, 1] and fixed.operating_point.tolist() == [-1, -1]
+    assert [blk["threshold"] for blk in fixed.blocks[0]] == [0.93]  # its own, not the point's
+    assert controller.index == 0 and recovered[-1] == 0
+
+
+def run(coro):
+    return asyncio.run(coro)
