@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,6 +100,50 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def sigterm_under_load(srv: ServerProcess, body: dict, requests: int, rows_in_flight: int):
+    """Post `body` `requests` times at once, SIGTERM the server as soon as it holds more than
+    `rows_in_flight` accepted, unanswered rows, and wait for every answer. Returns the SIGTERM's
+    monotonic time and, per request, (status or the transport error's name, JSON body or None,
+    monotonic time of the answer); the caller then checks the drain with `assert_drained`."""
+
+    async def go():
+        limits = httpx.Limits(max_connections=requests + 2)
+        async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=120) as c:
+            async def one():
+                try:
+                    r = await c.post("/predict", json=body)
+                    return r.status_code, r.json(), time.monotonic()
+                except httpx.TransportError as e:  # never reached the server: not accepted
+                    return type(e).__name__, None, time.monotonic()
+
+            tasks = [asyncio.create_task(one()) for _ in range(requests)]
+            async with httpx.AsyncClient(base_url=srv.url) as probe:
+                while True:
+                    text = (await probe.get("/metrics")).text
+                    if float(re.search(r"^hff_instances_in_flight (\S+)$", text, re.M)[1]) > rows_in_flight:
+                        break
+                    await asyncio.sleep(0.005)
+            srv.terminate()
+            sent = time.monotonic()
+            return sent, await asyncio.gather(*tasks)
+
+    return asyncio.run(go())
+
+
+def assert_drained(srv: ServerProcess, results: list) -> list:
+    """The server exited 0 by itself after SIGTERM, answered every request it accepted (the rest
+    got 503 or never connected) and logged no traceback. Returns the answered (body, time) pairs."""
+    code = srv.stop(signal_first=False)
+    log = srv.log()
+    assert code == 0, log
+    assert all(status in (200, 503) or isinstance(status, str) for status, _, _ in results), results
+    ok = [(body, t) for status, body, t in results if status == 200]
+    accepted, answered = map(int, re.search(r"(\d+) requests accepted, (\d+) answered", log).groups())
+    assert accepted == answered == len(ok), log
+    assert "Traceback" not in log, log
+    return ok
 
 
 # Every HTTP server hff-serve runs on (HFF_SERVER); the test extra installs granian.

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.app.conftest import ServerProcess
+from tests.app.conftest import ServerProcess, assert_drained, sigterm_under_load
 
 pytestmark = pytest.mark.slow
 
@@ -125,31 +125,6 @@ def test_sigterm_drain_answers_every_accepted_row_with_stage_level_scheduling(
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", max_batch_size=4,
                         max_batch_wait_ms=0, threads=1, latency_target_ms=5)
     x = digits_test_split[0][:64]
-    requests = 24
-
-    async def go():
-        limits = httpx.Limits(max_connections=requests + 2)
-        async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=120) as c:
-            async def one():
-                try:
-                    r = await c.post("/predict", json={"instances": x.tolist()})
-                    return r.status_code, r.json()
-                except httpx.TransportError as e:  # never reached the server: not accepted
-                    return type(e).__name__, None
-
-            tasks = [asyncio.create_task(one()) for _ in range(requests)]
-            async with httpx.AsyncClient(base_url=srv.url) as probe:
-                while metric((await probe.get("/metrics")).text, "hff_instances_in_flight") < 64:
-                    await asyncio.sleep(0.005)
-            srv.terminate()
-            return await asyncio.gather(*tasks)
-
-    results = asyncio.run(go())
-    assert srv.stop(signal_first=False) == 0
-    log = srv.log()
-    ok = [body for status, body in results if status == 200]
-    assert all(status in (200, 503) or isinstance(status, str) for status, _ in results), results
-    assert ok and all(len(body["predictions"]) == len(x) for body in ok)
-    accepted, answered = map(int, re.search(r"(\d+) requests accepted, (\d+) answered", log).groups())
-    assert accepted == answered == len(ok), log
-    assert "Traceback" not in log, log
+    _, results = sigterm_under_load(srv, {"instances": x.tolist()}, requests=24, rows_in_flight=63)
+    ok = assert_drained(srv, results)
+    assert ok and all(len(body["predictions"]) == len(x) for body, _ in ok)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
-import time
 
 import httpx
 import numpy as np
@@ -15,7 +13,7 @@ import uvicorn
 
 from app.main import DrainingServer, create_app
 from app.settings import Settings
-from tests.app.conftest import SERVERS, ServerProcess
+from tests.app.conftest import SERVERS, ServerProcess, assert_drained, sigterm_under_load
 
 pytestmark = pytest.mark.slow
 
@@ -58,43 +56,13 @@ def test_sigterm_during_load_loses_no_accepted_request(digits_model_dir, digits_
     x = digits_test_split[0][:64]
     want = ort.InferenceSession(str(digits_model_dir / "model.onnx")).run(None, {"input": x})[-1]
     body = {"instances": x.tolist(), "early_exit": "off"}
-    requests = 24
-
-    async def go():
-        limits = httpx.Limits(max_connections=requests + 2)
-        async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=120) as c:
-            async def one():
-                try:
-                    r = await c.post("/predict", json=body)
-                    return r.status_code, r.json(), time.monotonic()
-                except httpx.TransportError as e:  # never reached the server: not accepted
-                    return type(e).__name__, None, time.monotonic()
-
-            tasks = [asyncio.create_task(one()) for _ in range(requests)]
-            async with httpx.AsyncClient(base_url=srv.url) as probe:
-                while True:  # SIGTERM once the server holds accepted, unanswered rows
-                    text = (await probe.get("/metrics")).text
-                    if float(re.search(r"^hff_instances_in_flight (\S+)$", text, re.M)[1]) > 64:
-                        break
-                    await asyncio.sleep(0.005)
-            srv.terminate()
-            sent = time.monotonic()
-            return await asyncio.gather(*tasks), sent
-
-    results, sigterm_at = asyncio.run(go())
-    code = srv.stop(signal_first=False)  # SIGTERM was sent: the process must exit by itself
-    log = srv.log()
-    assert code == 0, log
-    ok = [(body, t) for status, body, t in results if status == 200]
-    assert all(status in (200, 503) or isinstance(status, str) for status, _, _ in results), results
+    sigterm_at, results = sigterm_under_load(srv, body, requests=24, rows_in_flight=64)
+    ok = assert_drained(srv, results)
     for body_, _ in ok:
         got = np.array([[t["probability"] for t in p["top_k"]] for p in body_["predictions"]])
         assert [p["label"] for p in body_["predictions"]] == want.argmax(1).tolist()
         np.testing.assert_allclose(got[:, 0], want.max(1), atol=1e-5)
     assert any(t > sigterm_at for _, t in ok), "no request was still in flight at SIGTERM"
-    accepted, answered = map(int, re.search(r"(\d+) requests accepted, (\d+) answered", log).groups())
-    assert accepted == answered == len(ok), log
-    assert "Traceback" not in log, log
 
 
 def test_an_unexpected_error_is_a_generic_500_and_logged(digits_model_dir, caplog):
