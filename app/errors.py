@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Send
 
 from contract.pydantic_errors import describe_errors
 
@@ -41,6 +43,21 @@ def bounded(message: str) -> str:
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": bounded(message)}, status_code=status, headers=headers)
+
+
+def error_body(message: str) -> bytes:
+    """The same {"error": "..."} body as error_response, for the layers below FastAPI."""
+    return orjson.dumps({"error": bounded(message)})
+
+
+async def respond(send: Send, status: int, body: bytes,
+                  extra: dict[str, str] | None = None) -> None:
+    """Send a whole JSON response on a raw ASGI `send` (the layers below FastAPI)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ClientError
+from app.errors import ClientError, error_body, respond
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,5 @@ class RequestGuard:
         status, text = ((408, "the server is shutting down and the request body had not arrived")
                         if not ex.body_done else
                         (503, "the server shut down before this request was answered"))
-        body = b'{"error": "' + text.encode() + b'"}'
         ex.status, ex.started, ex.complete = status, True, True
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"), (b"retry-after", b"5")]})
-        await send({"type": "http.response.body", "body": body})
+        await respond(send, status, error_body(text), {"Connection": "close", "Retry-After": "5"})

@@ -21,14 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.decoding import media_type
 from app.deps import check_api_key
-from app.errors import ClientError, bounded
+from app.errors import ClientError, error_body, respond
 from app.routes.kserve import infer_json
 from app.routes.predict import is_json, predict_json
 from app.service import Service
 
 log = logging.getLogger(__name__)
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
 V2_MODELS, INFER = "/v2/models/", "/infer"
 BodyReader = Callable[[], Awaitable[bytes]]
 # (service, model name from the path, headers, body reader) -> the response body; the handler
@@ -52,11 +51,6 @@ class RouteTemplate(NamedTuple):
 
 
 PREDICT, INFER_ROUTE = RouteTemplate("/predict"), RouteTemplate("/v2/models/{name}/infer")
-
-
-def error_body(message: str) -> bytes:
-    """The one error format, {"error": "..."} (app/errors.py answers FastAPI's the same way)."""
-    return orjson.dumps({"error": bounded(message)})
 
 
 class ServiceMiddleware:
@@ -139,15 +133,6 @@ class ServiceMiddleware:
         except Exception:
             log.exception("unexpected error on a hot route")
             return 500, error_body("internal server error (logged on the server)"), None
-
-
-async def respond(send: Send, status: int, body: bytes,
-                  extra: dict[str, str] | None = None) -> None:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    if extra:
-        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _predict(service: Service, name: str, headers: dict[str, str],
