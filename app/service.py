@@ -85,6 +85,10 @@ class Service:
             return "the server is shutting down"
         return "the model is still warming up"
 
+    def not_ready_error(self) -> ClientError:
+        """The 503 every route answers while warming up, failed or shutting down."""
+        return ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+
     # --- early exit --------------------------------------------------------------------------
 
     def thresholds_for(self, mode: str | float | None) -> tuple[np.ndarray | None, bool]:
@@ -107,7 +111,7 @@ class Service:
         """Room for one request, reserved before its body is read (429 when none comes in
         time), held until the request ends; the ticket carries the request's deadline."""
         if not self.ready:
-            raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+            raise self.not_ready_error()
         raw = headers.get("content-length")
         length = int(raw) if raw is not None and raw.isdigit() else None
         loop = asyncio.get_running_loop()
@@ -136,7 +140,7 @@ class Service:
         `deadline_ms` counts from the request's arrival: a row still waiting for a block after
         it is answered from the block it reached, or the request gets 503 if it reached none."""
         if not self.ready or self.batcher is None:
-            raise ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+            raise self.not_ready_error()
         self.admission.settle(ticket, x.shape[0])
         thresholds, adaptive = self.thresholds_for(mode)
         deadline = None if deadline_ms is None else ticket.started + deadline_ms / 1000.0

@@ -6,7 +6,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.deps import ServiceDep
-from app.errors import error_response
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +20,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(service: ServiceDep) -> dict[str, str] | JSONResponse:
     """The model is loaded and warmed and the server is not shutting down (503 otherwise)."""
     if not service.ready:
-        return error_response(503, f"not ready: {service.not_ready_reason()}", {"Retry-After": "1"})
+        raise service.not_ready_error()
     return {"status": "ready"}
 
 
@@ -35,6 +34,7 @@ async def v2_live() -> dict[str, bool]:
 async def v2_ready(service: ServiceDep) -> dict[str, bool] | JSONResponse:
     """KServe v2 readiness (503 while warming up or shutting down)."""
     if not service.ready:
-        return JSONResponse({"ready": False, "error": f"not ready: {service.not_ready_reason()}"},
-                            status_code=503, headers={"Retry-After": "1"})
+        error = service.not_ready_error()
+        return JSONResponse({"ready": False, "error": error.message}, status_code=error.status,
+                            headers=error.headers)
     return {"ready": True}

@@ -18,7 +18,7 @@ from app.decoding import (
     parse_json_body,
 )
 from app.deps import ApiKey, ServiceDep
-from app.errors import ClientError, error_response, excerpt
+from app.errors import ClientError, excerpt
 from app.schemas import (
     ErrorResponse,
     V2InferRequest,
@@ -67,7 +67,7 @@ async def model_ready(name: str, service: ServiceDep):
     """Model readiness (503 while warming up or shutting down)."""
     _check_name(service, name)
     if not service.ready:
-        return error_response(503, f"not ready: {service.not_ready_reason()}", {"Retry-After": "1"})
+        raise service.not_ready_error()
     return {"name": name, "ready": True}
 
 

@@ -35,6 +35,7 @@ from app.service import INLINE_DECODE_BYTES, Service
 from contract.pydantic_errors import describe_errors
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKey])
+MAX_FORM_FIELDS = 16  # the options are a handful; more is a malformed or hostile form
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 429, 503, 504)}
@@ -63,12 +64,12 @@ async def _parse_multipart(request: Request, service: Service,
                            ticket: Ticket) -> tuple[np.ndarray, PredictOptions]:
     max_files = service.settings.MAX_INSTANCES
     try:
-        form = await request.form(max_files=max_files, max_fields=16,
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS,
                                   max_part_size=service.settings.MAX_BODY_BYTES)
     except HTTPException as e:  # python-multipart's limits; the README promises 413 for counts
         if e.status_code == 400 and str(e.detail).startswith(("Too many files", "Too many fields")):
             what = "uploaded files" if "files" in str(e.detail) else "form fields"
-            limit = max_files if what == "uploaded files" else 16
+            limit = max_files if what == "uploaded files" else MAX_FORM_FIELDS
             raise ClientError(413, f"more than {limit} {what} in one request (the limit; "
                                    "HFF_MAX_INSTANCES for files)") from None
         raise
