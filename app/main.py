@@ -16,7 +16,6 @@ from functools import partial
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
-from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
@@ -88,10 +87,14 @@ class ServiceApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.root_path:
-            # Starlette's entry, without FastAPI's OpenTelemetry probe: it asks OpenTelemetry for
-            # its providers, which reads environment variables, on every request (3% of the
-            # samples under load), and this app configures no telemetry
-            await Starlette.__call__(self, scope, receive, send)
+            # What Starlette's entry does, inline (one coroutine less per request), without
+            # FastAPI's OpenTelemetry probe: it asks OpenTelemetry for its providers, which reads
+            # environment variables, on every request (3% of the samples under load), and this
+            # app configures no telemetry
+            scope["app"] = self
+            if self.middleware_stack is None:
+                self.middleware_stack = self.build_middleware_stack()
+            await self.middleware_stack(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
