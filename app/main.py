@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -56,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                           queue_bound=service.settings.QUEUE_BOUND,
                           scheduling=service.settings.SCHEDULING, controller=service.controller)
         batcher.start()
+        tune_gc()
         service.batcher = batcher
         service.warmed = True
         log.info("ready: serving %s on %s", service.manifest.name, service.runtime.device)
@@ -72,6 +74,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service.batcher is not None:
             await service.batcher.stop()
         service.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def tune_gc() -> None:
+    """After warm-up: the objects alive now (modules, app, sessions) leave the collector's
+    generations for good (gc.freeze), and young collections run every 100,000 allocations
+    instead of 700. Every request allocates dicts, coroutines and futures, so the default
+    thresholds ran a collection every few requests, and a full one now and then that stalled
+    every connection (README, "Request path": p99 at 64 connections 122 -> 45 ms in one run).
+    Cyclic garbage still gets collected, in fewer, larger passes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
 
 
 class ServiceApp(FastAPI):

@@ -38,6 +38,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("batcher (app/batcher.py)", ("app/batcher.py",)),
     ("service: predictions, early-exit mode (app/service.py)", ("app/service.py",)),
     ("socket writes (app/http.py, one per response)", ("app/http.py",)),
+    ("protections (app/guard.py, app/protocol.py, app/admission.py)",
+     ("app/guard.py", "app/protocol.py", "app/admission.py")),
     ("hot path and routes (app/middleware.py, app/routes, app/deps.py)",
      ("app/middleware.py", "app/routes/", "app/deps.py")),
     ("uvicorn HTTP protocol (httptools callbacks)", ("uvicorn/",)),
