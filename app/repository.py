@@ -168,6 +168,9 @@ class ModelRepository:
                 return
             service.start()
             log.info("ready: serving %s on %s", service.name, service.runtime.device)
+            if self.settings.POLL_S is not None:
+                log.warning("HFF_POLL_S is set, but one model dir is not polled: serve a model "
+                            "repository (HFF_MODEL_REPOSITORY) for hot reload")
         else:
             assert self.root is not None
             found = await asyncio.to_thread(scan, self.root)
@@ -224,7 +227,11 @@ class ModelRepository:
 
     def _open_and_warm(self, v: VersionDir) -> Service:
         service = self._open(v)
-        service.runtime.warm_up()
+        try:
+            service.runtime.warm_up()
+        except BaseException:
+            service.metrics.remove()  # a refused version leaves no series behind
+            raise
         return service
 
     def _insert(self, service: Service) -> None:

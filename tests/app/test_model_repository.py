@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.main import main
-from tests.app.conftest import API_KEY, ServerProcess, metric
+from tests.app.conftest import API_KEY, SERVERS, ServerProcess, metric
 
 pytestmark = pytest.mark.slow
 
@@ -185,9 +185,10 @@ async def _client_loop(url: str, bodies: list[tuple[str, dict]], stop: asyncio.E
                 results.append((type(e).__name__, None, time.monotonic()))
 
 
+@pytest.mark.parametrize("server", SERVERS)
 def test_a_new_version_takes_over_under_load_without_a_failed_request(digits_model_dir,
                                                                       digits_test_split,
-                                                                      tmp_path):
+                                                                      tmp_path, server):
     """Clients keep sending while version 2 is renamed into place: every request is answered
     200, by version 1 until the switch and by version 2 after it, and version 1 answers all it
     accepted before it stops. A half-written version 3 is never loaded."""
@@ -196,7 +197,7 @@ def test_a_new_version_takes_over_under_load_without_a_failed_request(digits_mod
     add_version(digits_model_dir, repo, "digits", 1)
     poll_s = 0.2
     srv = ServerProcess(None, tmp_path / "server.log", model_repository=repo, api_key=API_KEY,
-                        poll_s=poll_s, threads=1, max_batch_size=8)
+                        poll_s=poll_s, threads=1, max_batch_size=8, server=server)
     x = digits_test_split[0][:4]
     bodies = [("/v1/models/digits:predict", {"instances": x.tolist(), "early_exit": "off"}),
               ("/v2/models/digits/infer", {"inputs": [{"name": "input", "shape": [4, 1, 8, 8],
@@ -238,7 +239,7 @@ def test_a_new_version_takes_over_under_load_without_a_failed_request(digits_mod
         versions = "".join(v for _, v, _ in mine)
         assert re.fullmatch("1*2+", versions), versions
     first_new = min(t for _, v, t in results if v == "2")
-    print(f"\n{len(results)} requests, {len(failed)} failed; version 2 answered "
+    print(f"\n{server}: {len(results)} requests, {len(failed)} failed; version 2 answered "
           f"{first_new - appeared:.3f}s after its directory appeared (HFF_POLL_S={poll_s})")
     assert first_new - appeared < 60
     assert "version 1 drains" in log
@@ -270,6 +271,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(digits_model_
             assert c.get("/readyz").status_code == 200
             index = {r["version"]: r for r in c.post("/v2/repository/index").json()}
             retried = c.post("/v2/repository/models/digits/load")
+            text = c.get("/metrics").text
     finally:
         srv.stop()
     log = srv.log()
@@ -277,6 +279,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(digits_model_
     assert len(refusals) == 2, refusals  # once by the poller, once for the explicit load
     assert "stage_2.onnx" in refusals[0] or "hash to version" in refusals[0], refusals[0]
     assert refusals[0].endswith("version 1 keeps serving"), refusals[0]
+    assert 'version="2"' not in text  # a refused version leaves no metric series
     assert index["1"]["state"] == "READY"
     assert index["2"]["state"] == "UNAVAILABLE" and index["2"]["reason"].startswith("refused: ")
     assert index["3"]["reason"] == "incomplete: no manifest.json yet"
