@@ -5,19 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import ApiKey, RepositoryDep
 from app.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v2/repository", tags=["model-control"], dependencies=[ApiKey])
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 422)}
+
+
+class IndexRequest(BaseModel):
+    """Triton's index request body (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ready: bool = Field(False, description="only the versions that are ready")
 
 
 @router.post("/index", responses=_ERRORS)
-async def index(repository: RepositoryDep) -> list[dict[str, str]]:
+async def index(repository: RepositoryDep, body: IndexRequest | None = None
+                ) -> list[dict[str, str]]:
     """Every version directory of every model: name, version, state (READY, LOADING or
     UNAVAILABLE) and, when not ready, the reason."""
-    return await repository.index()
+    rows = await repository.index()
+    return [r for r in rows if r["state"] == "READY"] if body and body.ready else rows
 
 
 # {model}, not {name}: any model of the repository, not only the served ones (app/openapi.py

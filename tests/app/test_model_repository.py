@@ -5,6 +5,7 @@ real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.main import main
 from tests.app.conftest import API_KEY, SERVERS, ServerProcess, metric
@@ -110,6 +112,14 @@ def test_two_models_at_once_by_name_and_version(two_models, digits_test_split):
         assert c.post("/predict", json=one_row(x)).json()["model"]["name"] == "digits"
         pinned = c.post("/v1/models/letters/versions/1:predict", json=one_row(x))
         assert pinned.status_code == 200 and pinned.json()["model"]["version"] == "1"
+        # an image upload takes the model from the path too
+        png = io.BytesIO()
+        Image.fromarray((x[0] * 255).round().astype(np.uint8), "L").save(png, format="PNG")
+        upload = c.post("/v1/models/letters:predict", data={"early_exit": "off"},
+                        files=[("file", ("x.png", png.getvalue(), "image/png"))])
+        assert upload.status_code == 200, upload.text
+        assert upload.json()["model"] == {"name": "letters", "version": "1"}
+        assert upload.json()["predictions"][0]["class_name"] in LETTERS
         # KServe v2, with and without the version
         for path in ("/v2/models/letters/infer", "/v2/models/letters/versions/1/infer"):
             r = c.post(path, json=v2_body(x))
@@ -145,6 +155,8 @@ def test_model_control_needs_the_key_and_unload_means_404_with_words(two_models,
         index = c.post("/v2/repository/index").json()
         assert {(r["name"], r["version"], r["state"]) for r in index} == {
             ("digits", "1", "UNAVAILABLE"), ("digits", "2", "READY"), ("letters", "1", "READY")}
+        ready = c.post("/v2/repository/index", json={"ready": True}).json()  # Triton's filter
+        assert {(r["name"], r["version"]) for r in ready} == {("digits", "2"), ("letters", "1")}
         r = c.post("/v2/repository/models/letters/unload")
         assert r.status_code == 200, r.text
         for path, body in (("/v1/models/letters:predict", one_row(x)),
