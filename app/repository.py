@@ -66,6 +66,19 @@ def scan(root: Path) -> dict[str, list[VersionDir]]:
     return found
 
 
+Fingerprint = tuple[tuple[str, int, int], ...] | None
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """(name, size, mtime) of a version directory's files: a refused version is tried again
+    when they change (a copy that wrote manifest.json before its graphs, then finished)."""
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
+                            if f.is_file() for st in (f.stat(),)))
+    except OSError:
+        return None
+
+
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -89,7 +102,8 @@ class ModelRepository:
         self.draining = False
         self.failure: str | None = None  # why nothing can be served (hff-serve then exits)
         self.on_failure: Callable[[], None] | None = None  # hff-serve: stop the server
-        self.refused: dict[tuple[str, str], str] = {}  # (model, version) -> why
+        # (model, version) -> (why, its files when it was tried): tried again once they change
+        self.refused: dict[tuple[str, str], tuple[str, Fingerprint]] = {}
         self.unloaded: set[str] = set()  # unloaded by request: the poller leaves them alone
         self._lock = asyncio.Lock()  # one load, unload or poll at a time
         self._tasks: set[asyncio.Task] = set()  # start-up, poller, versions draining
@@ -247,15 +261,16 @@ class ModelRepository:
     async def _refresh(self, name: str, versions: list[VersionDir], retry: bool) -> list[str]:
         """Serve the newest complete version of `name` that loads, if it is newer than the one
         serving (caller holds the lock). `retry`: try versions refused before again (an explicit
-        load), else skip them (the poller: one log line per broken version, not one per poll).
-        Returns what was refused, one line each."""
+        load), else only when their files changed (the poller: one log line per broken version,
+        not one per poll). Returns what was refused, one line each."""
         problems = []
         for v in sorted((v for v in versions if v.complete), key=lambda v: -v.number):
             current = self.models.get(name)
             if current is not None and self._number(current) >= v.number:
                 break  # what serves is this version or newer
             key = (name, v.version)
-            if key in self.refused and not retry:
+            files = await asyncio.to_thread(fingerprint, v.path)
+            if not retry and key in self.refused and self.refused[key][1] == files:
                 continue
             keeps = (f"version {current.version} keeps serving" if current is not None
                      else "no version of it is serving")
@@ -264,7 +279,7 @@ class ModelRepository:
                 service = await asyncio.to_thread(self._open_and_warm, v)
             except Exception as e:  # a broken export: refuse it, say why in one line
                 reason = first_line(e)
-                self.refused[key] = reason
+                self.refused[key] = (reason, files)
                 problems.append(f"version {v.version}: {reason}")
                 log.error("refused model %s version %s (%s): %s; %s", name, v.version, v.path,
                           reason, keeps)
@@ -316,7 +331,7 @@ class ModelRepository:
                 elif not v.complete:
                     reason = f"incomplete: no {MANIFEST_FILE} yet"
                 elif (name, v.version) in self.refused:
-                    reason = f"refused: {self.refused[name, v.version]}"
+                    reason = f"refused: {self.refused[name, v.version][0]}"
                 elif current is not None:
                     reason = f"version {current.version} serves"
                 elif name in self.unloaded:

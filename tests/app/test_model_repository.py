@@ -267,6 +267,9 @@ def test_a_new_version_takes_over_under_load_without_a_failed_request(digits_mod
 
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(digits_model_dir,
                                                                    digits_test_split, tmp_path):
+    """The poller refuses a broken version once (not once per poll), says why, and the old
+    version keeps serving; an explicit load says why it did not switch; once the version's files
+    change, it is tried again."""
     repo = tmp_path / "repo"
     (repo / "digits").mkdir(parents=True)
     add_version(digits_model_dir, repo, "digits", 1)
@@ -284,6 +287,12 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(digits_model_
             index = {r["version"]: r for r in c.post("/v2/repository/index").json()}
             retried = c.post("/v2/repository/models/digits/load")
             text = c.get("/metrics").text
+            # the broken graph is replaced in place (a copy that wrote manifest.json first,
+            # then finished): its files changed, so the poller tries it again, and it serves
+            shutil.copy(digits_model_dir / "stage_2.onnx", repo / "digits" / "2" / "stage_2.onnx")
+            wait_for(lambda: c.post("/v1/models/digits:predict", json=one_row(
+                digits_test_split[0][0])).json()["model"]["version"] == "2",
+                what="version 2 serving once fixed")
     finally:
         srv.stop()
     log = srv.log()
@@ -298,6 +307,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(digits_model_
     # an explicit load says why it did not switch, and version 1 still serves
     assert retried.status_code == 200 and retried.json()["version"] == "1"
     assert retried.json()["refused"][0].startswith("version 2: "), retried.json()
+    assert "model digits version 2 serving" in log and "version 1 drains" in log
     assert "Traceback" not in log, log
 
 
