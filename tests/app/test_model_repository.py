@@ -320,3 +320,16 @@ def test_the_command_line_takes_one_model_source(tmp_path, capsys):
     assert main(["--model-repository", str(tmp_path)]) == 2  # empty, nothing to wait for
     err = capsys.readouterr().err
     assert "holds no model" in err and "HFF_POLL_S" in err
+
+
+def test_the_repository_wins_over_an_images_default_model_dir(digits_model_dir, tmp_path,
+                                                              monkeypatch):
+    """The serving image sets HFF_MODEL_DIR=/models/default; HFF_MODEL_REPOSITORY beside it is
+    what is served. --model-dir on the command line wins over HFF_MODEL_REPOSITORY."""
+    from app.main import build_parser, load_settings
+
+    monkeypatch.setenv("HFF_MODEL_DIR", str(tmp_path / "not-there"))
+    monkeypatch.setenv("HFF_MODEL_REPOSITORY", str(tmp_path))
+    assert tmp_path == load_settings(build_parser().parse_args([])).MODEL_REPOSITORY
+    settings = load_settings(build_parser().parse_args(["--model-dir", str(digits_model_dir)]))
+    assert settings.MODEL_REPOSITORY is None and digits_model_dir == settings.MODEL_DIR
