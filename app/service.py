@@ -110,6 +110,8 @@ class Service:
         if self.batcher is not None:
             await self.batcher.stop()
         self.metrics.remove()
+        log.info("model %s version %s stopped, every request it took answered (%s)", self.name,
+                 self.version, reason)
 
     # --- early exit --------------------------------------------------------------------------
 
