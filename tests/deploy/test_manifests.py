@@ -198,8 +198,8 @@ def test_service_hpa_and_pdb_select_the_serving_pods():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": "hff-serve"}
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-    # the PDB never blocks every drain, and the HPA keeps enough pods for it to allow one
-    assert hpa["spec"]["minReplicas"] > by_kind("PodDisruptionBudget")["spec"]["maxUnavailable"] - 1
+    # a node drain may take a pod, and always leaves one serving
+    assert 0 < by_kind("PodDisruptionBudget")["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
 
 
 def test_inference_service_runs_on_the_hff_serving_runtime():
