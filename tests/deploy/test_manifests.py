@@ -11,6 +11,7 @@ installed, and the rendered output is validated too.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -91,11 +92,14 @@ def validation_errors(document: dict) -> list[str]:
 
 
 def kustomize_command() -> list[str] | None:
+    """kustomize, or kubectl's built-in one when it is kustomize 4 or newer (the `labels`
+    field; Debian 12's kubectl 1.20 carries kustomize 2)."""
     if shutil.which("kustomize"):
         return ["kustomize", "build"]
     if shutil.which("kubectl"):
-        probe = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True)
-        if probe.returncode == 0:
+        probe = subprocess.run(["kubectl", "version", "--client"], capture_output=True, text=True)
+        found = re.search(r"Kustomize Version: v(\d+)", probe.stdout)
+        if found and int(found[1]) >= 4:
             return ["kubectl", "kustomize"]
     return None
 
