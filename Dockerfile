@@ -112,7 +112,8 @@ EXPOSE 8080 8404
 # SIGUSR1 stops it gracefully (compose: stop_signal); -db: foreground, logs to stdout
 CMD ["haproxy", "-W", "-db", "-f", "/etc/haproxy/haproxy.cfg"]
 
-# ---- serve: `hff-serve` on HFF_MODEL_DIR (a volume on /models, or a model baked in)
+# ---- serve: `hff-serve` on HFF_MODEL_DIR (a volume on /models, or a model baked in), or on the
+# model repository HFF_MODEL_REPOSITORY names (compose: /models/repository), which wins when set
 FROM runtime-base AS serve-base
 COPY --from=serve-venv /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/hff-healthcheck
