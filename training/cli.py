@@ -32,7 +32,8 @@ from training.trainer import STATE_FILE, TrainConfig, Trainer, make_run_config
 PROG = "hff-train"
 # The flags that set config fields, by field; type, choices, default and help come from the field.
 TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
-               "weight_decay": "--weight-decay"}
+               "weight_decay": "--weight-decay", "memory_format": "--memory-format",
+               "erasing": "--erasing", "label_smoothing": "--label-smoothing"}
 MODEL_FLAGS = {"margin": "--margin", "prototypes_per_class": "--prototypes-per-class"}
 FF_MODEL_FLAGS = {"goodness": "--ff-goodness", "threshold": "--ff-threshold",
                   "label_embedding": "--ff-embedding", "score_blocks": "--ff-score-blocks"}

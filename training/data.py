@@ -14,6 +14,7 @@ validation and the rest trains (CIFAR: 45,000 / 5,000; MNIST-family: 54,000 / 6,
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,6 +166,33 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
 def crop_flip_for(size: int, flip: bool = True) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The usual augmentation for size x size images: pad size/8 (4 for 32x32, 8 for 64x64)."""
     return partial(random_crop_flip, pad=max(1, size // 8), flip=flip)
+
+
+def random_erasing(images: torch.Tensor, generator: torch.Generator, p: float,
+                   area: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) on a whole batch: each image, with probability p, gets
+    one rectangle of `area` (share of the image) and aspect `ratio` filled with uniform noise.
+
+    Rectangles that would not fit are clamped to the image rather than redrawn.
+    """
+    n, c, h, w = images.shape
+    u = torch.rand(5, n, generator=generator)
+    apply = u[0] < p
+    size = h * w * (area[0] + (area[1] - area[0]) * u[1])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[2])
+    eh = (size * aspect).sqrt().round().clamp(1, h).long()
+    ew = (size / aspect).sqrt().round().clamp(1, w).long()
+    top = (u[3] * (h - eh + 1)).long()
+    left = (u[4] * (w - ew + 1)).long()
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    mask = (inside & apply.view(n, 1, 1)).unsqueeze(1)  # (n, 1, h, w): every channel
+    noise = torch.rand(images.shape, generator=generator, dtype=images.dtype)
+    return torch.where(mask, noise, images)
 
 
 VAL_FRACTION = 0.1  # carved from the official training split when a data set has no val split
