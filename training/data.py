@@ -50,6 +50,8 @@ class DataSplits:
     std: list[float]
     default_preset: str = "digits-cnn"
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    # TrainConfig fields of the data set's recipe (HFF and backprop), under the command's flags
+    train_defaults: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
 
@@ -247,6 +249,9 @@ def _array_splits(name: str, train_x, train_y, test_x, test_y, class_names, **kw
 
 
 MNIST_CLASSES = [str(i) for i in range(10)]
+# Fashion-MNIST's training recipe with its default preset: why each value, measured, is in the
+# docstring of model.config.fmnist_cnn.
+FASHION_RECIPE = {"epochs": 12, "batch_size": 128}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
 
@@ -273,7 +278,8 @@ def _find_idx_folder(name: str, data_dir: Path | None, get_it: str) -> Path:
 
 
 def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: list[str],
-                  flip: bool, get_it: str, default_preset: str = "mnist-cnn") -> DataSplits:
+                  flip: bool, get_it: str, default_preset: str = "mnist-cnn",
+                  train_defaults: dict | None = None) -> DataSplits:
     from training.readers import read_mnist_split
 
     folder = _find_idx_folder(name, data_dir, get_it)
@@ -284,7 +290,7 @@ def _mnist_family(name: str, data_dir: Path | None, source: str, class_names: li
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DataError(f"{folder}/{where}-labels: a label lies outside 0..{len(class_names) - 1}")
     return _array_splits(name, train_x, train_y, test_x, test_y, class_names,
-                         default_preset=default_preset,
+                         default_preset=default_preset, train_defaults=train_defaults or {},
                          augment=partial(random_crop_flip, pad=2, flip=flip))
 
 
@@ -306,7 +312,7 @@ def fashion_mnist(data_dir: Path | None = None, image_size=None) -> DataSplits:
     return _mnist_family("fashion-mnist", data_dir, FASHION_SOURCE, FASHION_CLASSES, flip=True,
                          get_it=("install it with `apt-get install dataset-fashion-mnist` (Debian), "
                                  f"or download the four IDX files from {FASHION_SOURCE} into one of them"),
-                         default_preset="fmnist-cnn")
+                         default_preset="fmnist-cnn", train_defaults=FASHION_RECIPE)
 
 
 def _cifar(name: str, data_dir: Path | None, layout_name: str) -> DataSplits:
