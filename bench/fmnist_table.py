@@ -1,7 +1,8 @@
 """The README's Fashion-MNIST tables: HFF against backprop on one recipe, and the FF rows.
 
-Headline: HFF (every block trained by its own local loss) and backprop on the same preset, epochs,
-batch, learning rate and augmentation, several seeds: mean ± std of the final-block test accuracy,
+Headline: HFF (every block trained by its own local loss) and backprop on the same preset and
+recipe (by default the data set's: hff-train's epochs, batch, learning rate, augmentation, erasing
+and label smoothing for fashion-mnist), several seeds: mean ± std of the final-block test accuracy,
 every block's test accuracy and the deepest block's separation, training wall time and images/s,
 and peak training memory (HFF / backprop) from bench/train_memory.py at batch 256.
 FF rows (`--ff`): the SymBa Forward-Forward baseline and the free-riding variants (cumulative
@@ -13,8 +14,8 @@ reused and a run cut short (by --launcher's time limit, say) resumes from its la
 table can be filled in several sittings. `--launcher` prefixes every training command, e.g. a lock
 that keeps timed runs alone on a shared machine:
 
-    python bench/fmnist_table.py --seeds 0 1 2 --epochs 15
-    python bench/fmnist_table.py --launcher "/work/bin/quiet timeout 840" --seeds 0 --ff
+    python bench/fmnist_table.py --seeds 0 1 2
+    python bench/fmnist_table.py --launcher "/work/bin/quiet timeout 240" --seeds 0 --ff
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ FF_VARIANTS = {
 }
 
 
-def run_one(variant: str, flags: list[str], seed: int, epochs: int, preset: str,
+def run_one(variant: str, flags: list[str], seed: int, epochs: int | None, preset: str,
             args: argparse.Namespace) -> dict:
     """The metrics of one finished run, training (or resuming) it first when needed."""
     out = Path(args.work) / f"{slug(variant)}-s{seed}"
@@ -61,15 +62,18 @@ def run_one(variant: str, flags: list[str], seed: int, epochs: int, preset: str,
         else:
             cmd = [sys.executable, "-m", "training", "--dataset", "fashion-mnist",
                    "--preset", preset, "--out", str(out), "--seed", str(seed),
-                   "--epochs", str(epochs), "--batch-size", str(args.batch_size),
-                   "--lr", str(args.lr), "--no-progress", "--overwrite", *flags]
+                   "--no-progress", "--overwrite", *flags]
+            # what is not given comes from the data set's recipe (hff-train's defaults)
+            for flag, value in (("--epochs", epochs), ("--batch-size", args.batch_size),
+                                ("--lr", args.lr)):
+                cmd += [flag, str(value)] if value is not None else []
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
         before = _epochs_done(out)
         t0 = time.perf_counter()
         proc = subprocess.run([*shlex.split(args.launcher), *cmd], cwd=ROOT, env=env,
                               capture_output=True, text=True)
         print(f"  {variant} seed {seed}: {time.perf_counter() - t0:.0f}s, "
-              f"epochs done {_epochs_done(out)}/{epochs}", flush=True)
+              f"epochs done {_epochs_done(out)}", flush=True)
         if proc.returncode != 0 and _epochs_done(out) <= before:
             raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}) and finished no "
                                f"epoch:\n{proc.stderr[-2000:]}")
@@ -155,9 +159,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="fmnist-cnn", help="headline preset (HFF and backprop)")
-    p.add_argument("--epochs", type=int, default=15, help="HFF and backprop epochs")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="HFF and backprop epochs (default: the data set's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     p.add_argument("--ff", action="store_true", help="also the FF baseline and free-riding rows")
     p.add_argument("--ff-preset", default="mnist-cnn", help="the FF rows' (lighter) backbone")
     p.add_argument("--ff-epochs", type=int, default=3)
@@ -181,8 +186,12 @@ def main() -> int:
     from training.data import load_dataset
 
     train_images = len(load_dataset("fashion-mnist", args.data_dir).train)
-    print(f"\nFashion-MNIST ({train_images:,} training images), {args.preset}, {args.epochs} epochs, "
-          f"batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}; "
+    first = Path(args.work) / f"{slug('HFF (local)')}-s{args.seeds[0]}" / "config.json"
+    train = json.loads(first.read_text())["train"]  # the recipe the runs recorded
+    recipe = ", ".join(f"{k} {train[k]}" for k in ("epochs", "batch_size", "lr", "weight_decay",
+                                                    "erasing", "label_smoothing", "memory_format"))
+    print(f"\nFashion-MNIST ({train_images:,} training images), {args.preset}, {recipe}, "
+          f"seeds {args.seeds}; "
           f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"torch {torch.__version__}, OMP_NUM_THREADS={args.threads or 'default'}")
     print("\n".join(headline_table(headline, train_images)))

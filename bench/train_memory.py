@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("contiguous", "channels-last")
 
 
 def _rss_kib(field: str) -> int:
@@ -55,7 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
     config = make_run_config(model_cfg, "synthetic", None, 0,
                              TrainConfig(objective=args.objective, batch_size=args.batch_size))
     model = build_model(model_cfg).to(device)
-    channels_last = device.type == "cuda" or args.channels_last  # the trainer's: on CUDA only
+    channels_last = args.layout == "channels-last"  # the trainer's default
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -64,10 +65,8 @@ def worker(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, 5e-4), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     n_batches = 4  # a few distinct batches, reused: the data pipeline is not what is measured
-    xs = [to_device(torch.rand(args.batch_size, *model_cfg.input_shape, generator=gen), device)
-          for _ in range(n_batches)]
-    if channels_last:
-        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    xs = [to_device(torch.rand(args.batch_size, *model_cfg.input_shape, generator=gen), device,
+                    channels_last) for _ in range(n_batches)]
     ys = [torch.randint(0, model_cfg.num_classes, (args.batch_size,), generator=gen).to(device)
           for _ in range(n_batches)]
     model.train()
@@ -112,14 +111,12 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | None = None,
-                      channels_last: bool | None = None) -> dict:
+                      layout: str | None = None) -> dict:
     threads = args.threads if threads is None else threads
-    channels_last = args.channels_last if channels_last is None else channels_last
     cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--device", args.device, "--threads", str(threads)]
-    if channels_last:
-        cmd.append("--channels-last")
+           str(args.warmup), "--device", args.device, "--threads", str(threads),
+           "--layout", layout or args.layout]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
@@ -128,15 +125,15 @@ def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | N
 
 def sweep(args: argparse.Namespace) -> None:
     """Both objectives at 1 and all threads, contiguous and channels-last: one process each."""
-    settings = [(t, cl) for t in sorted({1, os.cpu_count() or 1}) for cl in (False, True)]
+    settings = [(t, layout) for t in sorted({1, os.cpu_count() or 1}) for layout in LAYOUTS]
     print(f"# setting sweep: {args.preset}, batch {args.batch_size}, {args.steps} timed steps, "
           "one process per cell")
     print("| threads | layout | HFF images/s | backprop images/s | HFF training MiB | "
           "backprop training MiB |")
     print("|---|---|---|---|---|---|")
-    for threads, channels_last in settings:
-        hff, bp = (run_in_subprocess(args, o, threads, channels_last) for o in ("hff", "backprop"))
-        print(f"| {threads} | {'channels-last' if channels_last else 'contiguous'} "
+    for threads, layout in settings:
+        hff, bp = (run_in_subprocess(args, o, threads, layout) for o in ("hff", "backprop"))
+        print(f"| {threads} | {layout} "
               f"| {hff['images_per_s']:.1f} | {bp['images_per_s']:.1f} | {hff['train_mib']:.0f} "
               f"| {bp['train_mib']:.0f} |", flush=True)
     print()
@@ -151,8 +148,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per objective")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels-last network and batches on the CPU too (CUDA always uses it)")
+    p.add_argument("--layout", default="channels-last", choices=LAYOUTS,
+                   help="memory layout of the network and batches (the trainer's default: "
+                        "channels-last)")
     p.add_argument("--sweep", action="store_true",
                    help="first, one process per objective at 1 and all threads, contiguous and "
                         "channels-last, to show each objective's fastest setting")

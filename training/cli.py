@@ -32,7 +32,8 @@ from training.trainer import STATE_FILE, TrainConfig, Trainer, make_run_config
 PROG = "hff-train"
 # The flags that set config fields, by field; type, choices, default and help come from the field.
 TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
-               "weight_decay": "--weight-decay"}
+               "weight_decay": "--weight-decay", "memory_format": "--memory-format",
+               "erasing": "--erasing", "label_smoothing": "--label-smoothing"}
 MODEL_FLAGS = {"margin": "--margin", "prototypes_per_class": "--prototypes-per-class"}
 FF_MODEL_FLAGS = {"goodness": "--ff-goodness", "threshold": "--ff-threshold",
                   "label_embedding": "--ff-embedding", "score_blocks": "--ff-score-blocks"}
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = OneLineParser(prog=PROG, description=__doc__,
                       formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", help=f"one of: {', '.join(list_datasets())}")
+    p.add_argument("--dataset", default="digits",
+                   help=f"one of: {', '.join(list_datasets())}; fashion-mnist brings its recipe "
+                        "(epochs, batch, erasing, label smoothing: the README), under the flags")
     p.add_argument("--data-dir", default=None, help="where a non-bundled data set's files are (default: the first of "
                    "$HFF_DATA_DIR/<name>, data/<name>, /usr/share/datasets/<name> that has them)")
     p.add_argument("--preset", default=None,
@@ -128,9 +131,11 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         overrides["ff"] = model_ff
     try:
         model_cfg = preset_config(preset, **overrides)
+        # The data set's recipe is HFF's and backprop's; FF keeps its own defaults.
+        recipe = data.train_defaults if args.objective != "ff" else {}
         train_cfg = TrainConfig(objective=args.objective, augment=not args.no_augment,
                                 ff=train_ff if args.objective == "ff" else None,
-                                **given(args, TrainConfig, TRAIN_FLAGS))
+                                **{**recipe, **given(args, TrainConfig, TRAIN_FLAGS)})
     except KeyError as e:
         raise CliError(e.args[0]) from None
     except ValidationError as e:

@@ -6,12 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def prototype_loss(logits: Tensor, targets: Tensor, scale: Tensor, margin: float = 0.0) -> Tensor:
+def prototype_loss(logits: Tensor, targets: Tensor, scale: Tensor, margin: float = 0.0,
+                   label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy over prototype logits, with an additive cosine margin on the true class.
 
     logits = scale * s; the margin subtracts `margin` from the true class's score s (CosFace), so
     the block must beat every other class by at least `margin` in cosine before the loss relaxes.
+    `label_smoothing` spreads that share of the target over all classes (Szegedy et al.).
     """
     if margin > 0:
         logits = logits - (scale * margin) * F.one_hot(targets, logits.shape[1]).to(logits.dtype)
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)

@@ -47,15 +47,16 @@ class HFFLocal:
 
     name = "hff"
 
-    def __init__(self, margin: float = 0.0):
+    def __init__(self, margin: float = 0.0, label_smoothing: float = 0.0):
         self.margin = margin
+        self.label_smoothing = label_smoothing
 
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats:
         h = model.input_norm(x)
         losses, correct = [], []
         for block in model.blocks:
             h, logits = block(h.detach())
-            loss = prototype_loss(logits, y, block.head.scale, self.margin)
+            loss = prototype_loss(logits, y, block.head.scale, self.margin, self.label_smoothing)
             loss.backward()  # frees this block's graph now
             losses.append(loss.detach())
             correct.append(_correct(logits, y))
@@ -74,8 +75,9 @@ class Backprop:
 
     name = "backprop"
 
-    def __init__(self, margin: float = 0.0):
+    def __init__(self, margin: float = 0.0, label_smoothing: float = 0.0):
         self.margin = margin
+        self.label_smoothing = label_smoothing
 
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats:
         h = model.input_norm(x)
@@ -84,7 +86,8 @@ class Backprop:
         for k, block in enumerate(model.blocks):
             h = block.body(h)
             logits = block.head(h if k == last else h.detach())
-            losses.append(prototype_loss(logits, y, block.head.scale, self.margin))
+            losses.append(prototype_loss(logits, y, block.head.scale, self.margin,
+                                         self.label_smoothing))
             correct.append(_correct(logits, y))
         torch.stack(losses).sum().backward()
         return StepStats([loss.detach() for loss in losses], correct)
@@ -101,8 +104,8 @@ def _ff(config: RunConfig) -> Objective:
 
 # name -> factory from the run config.
 OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
-    "hff": lambda cfg: HFFLocal(margin=cfg.model.margin),
-    "backprop": lambda cfg: Backprop(margin=cfg.model.margin),
+    "hff": lambda cfg: HFFLocal(cfg.model.margin, cfg.train.get("label_smoothing", 0.0)),
+    "backprop": lambda cfg: Backprop(cfg.model.margin, cfg.train.get("label_smoothing", 0.0)),
     "ff": _ff,
 }
 

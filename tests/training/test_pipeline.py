@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import preset_config
-from training.data import crop_flip_for, load_dataset, random_crop_flip
+from training.data import crop_flip_for, load_dataset, random_crop_flip, random_erasing
 from training.trainer import TrainConfig, Trainer, make_run_config
 
 
@@ -44,6 +44,23 @@ def test_crop_keeps_a_shifted_window_of_the_image():
         padded = torch.nn.functional.pad(i, [8] * 4)
         assert any(torch.equal(o, padded[:, dy:dy + 64, dx:dx + 64])
                    for dy in range(17) for dx in range(17))
+
+
+def test_erasing_replaces_one_rectangle_in_the_chosen_share_of_images():
+    x = torch.full((400, 2, 28, 28), -1.0)  # noise is in [0, 1): erased pixels are >= 0
+    out = random_erasing(x, torch.Generator().manual_seed(0), p=0.5)
+    erased = out >= 0
+    touched = erased.flatten(1).any(dim=1)
+    assert 150 < touched.sum() < 250
+    for mask in erased[touched]:
+        assert torch.equal(mask[0], mask[1])  # every channel alike
+        rows = mask[0].any(dim=1).nonzero().flatten()
+        cols = mask[0].any(dim=0).nonzero().flatten()
+        box = mask[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and mask[0].sum() == box.numel()  # one solid rectangle
+        assert 0.01 * 28 * 28 <= box.numel() <= 0.4 * 28 * 28
+    assert torch.equal(random_erasing(x, torch.Generator().manual_seed(0), p=0.0), x)
+    assert torch.equal(out, random_erasing(x, torch.Generator().manual_seed(0), p=0.5))
 
 
 def _trainer(tmp_path, data, num_workers=0, epochs=1, augment=True):
@@ -97,18 +114,16 @@ def test_workers_do_not_change_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkeypatch):
-    """The CUDA path's bf16 autocast and channels-last layout, exercised on the CPU (no GPU in
-    CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain model."""
+    """The CUDA path's bf16 autocast, with the default channels-last layout, exercised on the CPU
+    (no GPU in CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain
+    model."""
     from model.checkpoint import load_checkpoint
     from training import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "autocast",
                         lambda device: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
-    monkeypatch.setattr(trainer_module, "to_device",
-                        lambda x, device: x.to(memory_format=torch.channels_last) if x.ndim == 4 else x)
     data = load_dataset("digits")
     trainer = _trainer(tmp_path, data)
-    trainer.model = trainer.model.to(memory_format=torch.channels_last)
     metrics = trainer.fit()
     conv = trainer.model.blocks[1].body[0].weight  # (8, 4, 3, 3): layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -119,3 +134,21 @@ def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkey
         assert torch.equal(tensor, trainer.model.state_dict()[name].float()), name
     heldout = load_file(str(tmp_path / "heldout_probs.safetensors"))
     assert heldout["test_probs"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("objective", ["hff", "backprop"])
+def test_label_smoothing_reaches_every_block_loss(objective):
+    from model.factory import build_model
+    from training.objectives import make_objective
+
+    data = load_dataset("digits")
+    model_cfg = preset_config("test-tiny", input_shape=data.input_shape)
+    x, y = next(iter(torch.utils.data.DataLoader(data.train, batch_size=32)))
+    losses = []
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = build_model(model_cfg)
+        config = make_run_config(model_cfg, "digits", None, 0,
+                                 TrainConfig(objective=objective, label_smoothing=smoothing))
+        losses.append(torch.stack(make_objective(config).train_step(model, x, y).loss))
+    assert (losses[1] != losses[0]).all()  # every block's loss moved

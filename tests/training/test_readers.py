@@ -279,3 +279,23 @@ def test_installed_fashion_mnist_files_read(monkeypatch):
     x, _ = splits.test[0]
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.mean()) > 0.05
     assert splits.mean[0] == pytest.approx(0.286, abs=0.005)  # Fashion-MNIST's known pixel mean
+
+
+def test_fashion_mnist_recipe_is_the_default_under_the_flags(tmp_path):
+    from training import cli
+    from training.data import FASHION_RECIPE
+
+    write_mnist(tmp_path, n_train=50, n_test=10)
+
+    def train_config(*flags):
+        args = cli.build_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir",
+                                              str(tmp_path), *flags])
+        config, _ = cli.prepare_new_run(args, tmp_path / "run")
+        return config.train
+
+    for objective in ("hff", "backprop"):
+        train = train_config("--objective", objective)
+        assert {k: train[k] for k in FASHION_RECIPE} == FASHION_RECIPE
+    assert train_config("--erasing", "0", "--epochs", "2")["erasing"] == 0.0
+    assert train_config("--erasing", "0", "--epochs", "2")["epochs"] == 2
+    assert train_config("--objective", "ff")["erasing"] == 0.0  # FF keeps its own defaults
