@@ -140,7 +140,6 @@ class Batcher:
         self._queued = [0] * self.num_blocks  # rows per stage queue
         self._in_flight = 0  # accepted rows not answered yet
         self._stage_seconds = 0.0  # recent duration of one stage call (smoothed)
-        self._busy = 0.0  # inference seconds not yet reported to the controller
         self._arrived = asyncio.Event()
         self._closing = False
         self._last_rows = 0
@@ -380,7 +379,7 @@ class Batcher:
                 per_block = await loop.run_in_executor(
                     self._executor, self.runtime.run_full,
                     np.concatenate([s.features for s in off]))
-                self._busy += time.monotonic() - started
+                self._ran(time.monotonic() - started)
                 self._answer_full(off, per_block)
             if not batch:
                 return
@@ -392,8 +391,12 @@ class Batcher:
                                          rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
-        self._busy += seconds
+        self._ran(seconds)
         self._after_stage(stage, batch, out)
+
+    def _ran(self, seconds: float) -> None:
+        if self.controller is not None:
+            self.controller.ran(seconds)
 
     def _answer_full(self, segments: list[Segment], per_block: list[np.ndarray]) -> None:
         stacked = np.stack(per_block, axis=1)  # (rows, L, num_classes)
@@ -456,8 +459,7 @@ class Batcher:
         job.exit_block[idx] = block
         job.operating_point[idx] = point
         if self.controller is not None:
-            self.controller.answered(len(idx), self._busy)
-            self._busy = 0.0
+            self.controller.answered(len(idx))
         self._release(job, len(idx))
 
     def _release(self, job: Job, rows: int) -> None:
