@@ -6,13 +6,18 @@ confidence reaches their threshold are answered at once and the others join the 
 queue with the features the stage produced. One worker thread runs one stage at a time; between
 calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
 
-  - `stage` (default): the fullest queue (rows up to max_batch_size), the deeper stage on a
-    tie; but a stage whose oldest row has waited there longer than the batch window plus one
-    pass of the network (the recent time of a stage call x the number of blocks) goes first,
-    the deepest such. Fullest-first is what raises throughput: under load the rows that leave
-    early make room in stage 1 for new arrivals at once, and the survivors of several stage-1
-    batches fill one batch of stage 2 instead of each running as a small remnant; the age
-    bound keeps survivors from starving behind a stage 1 that is always full.
+  - `stage` (default): the deepest stage holding a full batch (max_batch_size rows), else
+    the deepest non-empty stage; but a stage whose oldest row has waited there longer than the
+    batch window plus one pass of the network (the recent time of a stage call x the number of
+    blocks) goes first, the deepest such. Full batches first is what raises throughput at
+    saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
+    the survivors of several stage-1 batches fill one batch of stage 2 instead of each running
+    as a small remnant; the age bound keeps survivors from starving behind a stage 1 that is
+    always full. Without a full batch anywhere the survivors go first, as run-to-the-end: a
+    fullest-first rule there (tried) made survivors wait at every stage for a queue to become
+    the fullest, which under open-loop load added the patience once per block (p50 14 ms
+    against 5 ms at half capacity) and, past capacity, let the latency and the 429s feed each
+    other until goodput collapsed.
   - `batch` (run-to-the-end, the classic batcher): always the deepest non-empty stage, so a
     batch's survivors run to the last block before stage 1 takes new rows.
 
@@ -281,7 +286,8 @@ class Batcher:
         overdue = [k for k in busy if now - self._queues[k][0].entered > patience]
         if overdue:
             return overdue[-1]
-        return max(busy, key=lambda k: (min(self._queued[k], self.max_batch_size), k))
+        full = [k for k in busy if self._queued[k] >= self.max_batch_size]
+        return full[-1] if full else busy[-1]
 
     def _oldest_age(self, now: float) -> float:
         """How long the oldest queued row's request has been waiting, admission included."""

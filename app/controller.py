@@ -49,7 +49,7 @@ class LoadController:
     def __init__(self, points: list[OperatingPoint], target_ms: float | None = None,
                  min_accuracy: float | None = None, high: float = 0.25, low: float = 0.1,
                  down_dwell_s: float | None = None, up_dwell_s: float = 1.0,
-                 climb_dwell_s: float = 0.25, climb_utilization: float = 0.7,
+                 climb_dwell_s: float = 0.25, climb_utilization: float = 0.85,
                  warmup_batches: int = 32):
         if not points:
             raise ValueError("at least one operating point is needed (the calibrated one)")

@@ -88,12 +88,12 @@ def test_climbs_back_fast_when_the_dearer_point_has_room_and_not_when_it_would_n
     assert c.index == 1
     busy(c, 0.5, 0.8, share=0.28)
     assert c.index == 0 and c.moves == 4
-    # heavy load that the cheap point carries at 60% busy: point 1 would be 84%, over the
-    # climb utilization (70%), so the calm queue does not bring it back (hysteresis)
+    # heavy load that the cheap point carries at 70% busy: point 1 would be 98%, over the
+    # climb utilization (85%), so the calm queue does not bring it back (hysteresis)
     for t in (1.0, 1.01):
         c.update(t, 0, 1.0)
     assert c.index == 2
-    busy(c, 1.02, 4.0, share=0.6)
+    busy(c, 1.02, 4.0, share=0.7)
     assert c.index == 2
 
 
