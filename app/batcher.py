@@ -109,6 +109,14 @@ class Segment:
         return len(self.rows)
 
 
+def on_thread_clock(fn, *args) -> tuple[Any, float]:
+    """fn(*args) and the CPU seconds the calling thread spent in it: the inference thread's own
+    work, without the time it waited for the core while the event loop held it."""
+    started = time.thread_time()
+    out = fn(*args)
+    return out, time.thread_time() - started
+
+
 def job_runs(jobs: list[Job]) -> list[tuple[Job, int, int]]:
     """(job, start, stop) of each run of consecutive rows of one request."""
     runs, start = [], 0
@@ -382,10 +390,10 @@ class Batcher:
             if off:
                 batch = [s for s in batch if s not in off]
                 started = time.monotonic()
-                per_block = await loop.run_in_executor(
-                    self._executor, self.runtime.run_full,
+                per_block, cpu = await loop.run_in_executor(
+                    self._executor, on_thread_clock, self.runtime.run_full,
                     np.concatenate([s.features for s in off]))
-                self._ran(time.monotonic() - started)
+                self._ran(time.monotonic() - started, cpu)
                 self._answer_full(off, per_block)
             if not batch:
                 return
@@ -393,16 +401,16 @@ class Batcher:
         features = batch[0].features if len(batch) == 1 else np.concatenate(
             [self._host(s.features, s.size) for s in batch])
         started = time.monotonic()
-        out = await loop.run_in_executor(self._executor, self.runtime.run_stage, stage, features,
-                                         rows)
+        out, cpu = await loop.run_in_executor(self._executor, on_thread_clock,
+                                              self.runtime.run_stage, stage, features, rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
-        self._ran(seconds)
+        self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
 
-    def _ran(self, seconds: float) -> None:
+    def _ran(self, seconds: float, cpu_seconds: float) -> None:
         if self.controller is not None:
-            self.controller.ran(seconds)
+            self.controller.ran(seconds, cpu_seconds)
 
     def _answer_full(self, segments: list[Segment], per_block: list[np.ndarray]) -> None:
         stacked = np.stack(per_block, axis=1)  # (rows, L, num_classes)

@@ -105,11 +105,15 @@ class LoadController:
     def warming_up(self) -> bool:
         return self.batches < self.warmup_batches
 
-    def ran(self, busy_seconds: float) -> None:
-        """One stage call took `busy_seconds` of the inference thread."""
+    def ran(self, busy_seconds: float, cpu_seconds: float | None = None) -> None:
+        """One stage call took `busy_seconds` (wall) of the inference thread, `cpu_seconds` of
+        them on a core (None: all). The capacity estimate counts wall time, since that is what
+        queued rows wait for; the utilization counts CPU time: on a core shared with the HTTP
+        event loop the wall time of a call includes the loop's turns, which a dearer point
+        would not make longer."""
         self.batches += 1
         self._rate_busy += busy_seconds
-        self._window_busy += busy_seconds
+        self._window_busy += busy_seconds if cpu_seconds is None else cpu_seconds
 
     def answered(self, rows: int) -> None:
         """`rows` rows were answered: with the busy seconds from `ran`, the capacity estimate
