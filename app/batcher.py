@@ -7,9 +7,11 @@ queue with the features the stage produced. One worker thread runs one stage at 
 calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
 
   - `stage` (default): the deepest stage holding a full batch (max_batch_size rows), else
-    the deepest non-empty stage; but a stage whose oldest row has waited there longer than the
-    batch window plus one pass of the network (the recent time of a stage call x the number of
-    blocks) goes first, the deepest such. Full batches first is what raises throughput at
+    the deepest non-empty stage; but a deeper stage whose oldest row has waited there longer
+    than the batch window plus one pass of the network (the recent time of a stage call x the
+    number of blocks) goes before a full batch, the deepest such. (An age rule that applied
+    to every stage, stage 1 included, let new rows in stage 1 overtake the survivors at every
+    block, with the same result as fullest-first below.) Full batches first is what raises throughput at
     saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
     the survivors of several stage-1 batches fill one batch of stage 2 instead of each running
     as a small remnant; the age bound keeps survivors from starving behind a stage 1 that is
@@ -290,12 +292,13 @@ class Batcher:
             return None
         if self.scheduling == "batch" or len(busy) == 1:
             return busy[-1]
-        patience = self.max_wait + self._stage_seconds * self.num_blocks
-        overdue = [k for k in busy if now - self._queues[k][0].entered > patience]
-        if overdue:
-            return overdue[-1]
         full = [k for k in busy if self._queued[k] >= self.max_batch_size]
-        return full[-1] if full else busy[-1]
+        if not full:
+            return busy[-1]
+        patience = self.max_wait + self._stage_seconds * self.num_blocks
+        overdue = [k for k in busy if k > full[-1]
+                   and now - self._queues[k][0].entered > patience]
+        return overdue[-1] if overdue else full[-1]
 
     def _oldest_age(self, now: float) -> float:
         """How long the oldest queued row's request has been waiting, admission included."""
