@@ -4,6 +4,8 @@
 #          docker build --target serve -t hff-serve .
 #   train  hff-train and hff-export on CPU torch (TORCH_INDEX_URL selects another torch build)
 #          docker build --target train -t hff-train .
+#   proxy  HAProxy from Debian's packages, in front of the compose file's `api` replicas
+#          (docker/haproxy.cfg): docker build --target proxy -t hff-proxy .
 # GPU serving is the serve target on an NVIDIA CUDA runtime base with onnxruntime-gpu:
 #          docker build --target serve -t hff-serve-gpu \
 #            --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 \
@@ -12,6 +14,7 @@
 #          1.31: CUDA 13, cuDNN 9); the host needs the NVIDIA driver and Container Toolkit.
 # Build arguments:
 #   BASE_IMAGE       base of every stage; Debian bookworm-slim, or a CUDA runtime image for GPU
+#   PROXY_BASE_IMAGE base of the proxy image (Debian, for its haproxy package)
 #   SERVE_EXTRA      the pyproject extras the serve target installs: serve, or serve-gpu; add
 #                    granian ("serve granian") to run it with HFF_SERVER=granian (+22 MB)
 #   TORCH_INDEX_URL  extra pip index for torch in the train target; the default is PyTorch's CPU
@@ -24,6 +27,7 @@
 # a machine without PyTorch's index); without it the `wheels` stage below is empty.
 
 ARG BASE_IMAGE=debian:bookworm-slim
+ARG PROXY_BASE_IMAGE=debian:bookworm-slim
 ARG MODEL_DIR=
 
 FROM scratch AS wheels
@@ -95,7 +99,21 @@ USER hff
 WORKDIR /home/hff
 CMD ["hff-train", "--help"]
 
-# ---- serve: `hff-serve` on HFF_MODEL_DIR (a volume on /models, or a model baked in)
+# ---- proxy: HAProxy (Debian's package) balancing the compose `api` replicas, checking /readyz
+FROM ${PROXY_BASE_IMAGE} AS proxy
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb \
+        /usr/share/doc/* /usr/share/man/*
+COPY docker/haproxy.cfg /etc/haproxy/haproxy.cfg
+RUN haproxy -c -f /etc/haproxy/haproxy.cfg
+USER haproxy
+EXPOSE 8080 8404
+# SIGUSR1 stops it gracefully (compose: stop_signal); -db: foreground, logs to stdout
+CMD ["haproxy", "-W", "-db", "-f", "/etc/haproxy/haproxy.cfg"]
+
+# ---- serve: `hff-serve` on HFF_MODEL_DIR (a volume on /models, or a model baked in), or on the
+# model repository HFF_MODEL_REPOSITORY names (compose: /models/repository), which wins when set
 FROM runtime-base AS serve-base
 COPY --from=serve-venv /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/hff-healthcheck

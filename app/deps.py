@@ -1,4 +1,5 @@
-"""Route dependencies: the service, and the API-key check for prediction and model routes."""
+"""Route dependencies: the model repository, the model a route names, and the API-key check for
+prediction, model and model-control routes."""
 
 from __future__ import annotations
 
@@ -9,24 +10,40 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import ClientError
+from app.repository import ModelRepository
 from app.service import Service
 
 
-# Both are `async def` although they never await: FastAPI runs a plain `def` dependency in its
+# All are `async def` although they never await: FastAPI runs a plain `def` dependency in its
 # thread pool, a thread hop per request that costs more than the check itself.
-async def get_service(request: Request) -> Service:
-    return request.app.state.service
+async def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository
+
+
+async def get_default_service(request: Request) -> Service:
+    """The default model (plain /predict): the only one, or the first by name."""
+    return request.app.state.repository.find(None)
+
+
+async def get_service(request: Request, name: str) -> Service:
+    """The serving version of the model named in the path."""
+    return request.app.state.repository.find(name)
+
+
+async def get_service_version(request: Request, name: str, version: str) -> Service:
+    """The model version named in the path (404 unless it is the one serving)."""
+    return request.app.state.repository.find(name, version)
 
 
 async def require_api_key(request: Request) -> None:
     """401 unless the configured key comes as `X-API-Key` or `Authorization: Bearer <key>`."""
-    check_api_key(request.app.state.service, request.headers)
+    check_api_key(request.app.state.repository, request.headers)
 
 
-def check_api_key(service: Service, headers: Mapping[str, str]) -> None:
+def check_api_key(server: ModelRepository | Service, headers: Mapping[str, str]) -> None:
     """The API-key check itself, for the dependency and for the hot routes (app/middleware.py);
     `headers` maps lower-case names to values."""
-    key = service.settings.API_KEY
+    key = server.settings.API_KEY
     if key is None:
         return
     supplied = headers.get("x-api-key", "").strip()
@@ -41,5 +58,8 @@ def check_api_key(service: Service, headers: Mapping[str, str]) -> None:
         raise ClientError(401, "the API key is not valid", challenge)
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+ServiceDep = Annotated[Service, Depends(get_default_service)]
+NamedServiceDep = Annotated[Service, Depends(get_service)]
+VersionedServiceDep = Annotated[Service, Depends(get_service_version)]
 ApiKey = Depends(require_api_key)

@@ -20,16 +20,14 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
-from app.batcher import Batcher
 from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.openapi import install_openapi
 from app.protocol import GuardedHttpToolsProtocol
-from app.routes import health, kserve, metrics, models, predict
-from app.runtime import ModelRuntime
-from app.service import Service
+from app.repository import ModelRepository
+from app.routes import health, kserve, metrics, model_control, models, predict
 from app.settings import Settings
 from contract.cli import OneLineParser
 from contract.model_dir import ModelDirError
@@ -41,38 +39,13 @@ PROG = "hff-serve"
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Warm up in the background (live at once, ready after warm-up); drain the batcher at exit."""
-    service: Service = app.state.service
-
-    async def warm_up() -> None:
-        try:
-            await asyncio.to_thread(service.runtime.warm_up)
-        except Exception as e:  # never live-but-never-ready: one line, then the server exits
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            service.fail(f"warm-up failed, not serving {service.settings.MODEL_DIR}: {first_line}")
-            return
-        batcher = Batcher(service.runtime, service.metrics,
-                          max_batch_size=service.settings.MAX_BATCH_SIZE,
-                          max_wait_ms=service.settings.MAX_BATCH_WAIT_MS,
-                          queue_bound=service.settings.QUEUE_BOUND,
-                          scheduling=service.settings.SCHEDULING, controller=service.controller)
-        batcher.start()
-        service.batcher = batcher
-        service.warmed = True
-        log.info("ready: serving %s on %s", service.manifest.name, service.runtime.device)
-
-    task = asyncio.create_task(warm_up(), name="hff-warm-up")
+    """Warm up in the background (live at once, ready after warm-up); drain the batchers at exit."""
+    repository: ModelRepository = app.state.repository
+    repository.start()
     try:
         yield
     finally:
-        service.draining = True
-        if not task.done():
-            task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
-        if service.batcher is not None:
-            await service.batcher.stop()
-        service.decode_pool.shutdown(wait=False, cancel_futures=True)
+        await repository.stop()
 
 
 class ServiceApp(FastAPI):
@@ -82,9 +55,10 @@ class ServiceApp(FastAPI):
     through nothing else)."""
 
     def build_middleware_stack(self):  # type: ignore[no-untyped-def]
-        service: Service = self.state.service
-        return RequestGuard(ServiceMiddleware(super().build_middleware_stack(), service),
-                            metrics=service.metrics, body_timeout=service.settings.BODY_TIMEOUT_S)
+        repository: ModelRepository = self.state.repository
+        return RequestGuard(ServiceMiddleware(super().build_middleware_stack(), repository),
+                            metrics=repository.metrics,
+                            body_timeout=repository.settings.BODY_TIMEOUT_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.root_path:
@@ -99,19 +73,17 @@ class ServiceApp(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service for `settings` (default: from HFF_* environment variables)."""
     settings = settings or Settings()
-    runtime = ModelRuntime(settings.MODEL_DIR, device=settings.DEVICE, threads=settings.THREADS,
-                           max_batch_size=settings.MAX_BATCH_SIZE)
-    metrics_ = Metrics()
+    repository = ModelRepository(settings, Metrics())
     # redirect_slashes off: Starlette builds those redirects from the client's Host header
     app = ServiceApp(title="HFF serve", version=__version__, lifespan=lifespan,
                      redirect_slashes=False,
                      description="Hyperspherical Forward-Forward inference with dynamic batching "
                                  "and per-sample early exit.")
-    app.state.service = Service(settings, runtime, metrics_)
+    app.state.repository = repository
     install_error_handlers(app)
-    for module in (predict, kserve, health, models, metrics):
+    for module in (predict, kserve, health, models, model_control, metrics):
         app.include_router(module.router)
-    install_openapi(app, runtime.manifest, settings.MAX_INSTANCES)
+    install_openapi(app, repository, settings.MAX_INSTANCES)
     if importlib.util.find_spec("app.demo") is not None:  # the demo page, when it is installed
         from app import demo
 
@@ -122,18 +94,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT: not ready at once, no new work, then uvicorn's graceful shutdown."""
 
-    def __init__(self, config: uvicorn.Config, service: Service):
+    def __init__(self, config: uvicorn.Config, repository: ModelRepository):
         super().__init__(config)
-        self.service = service
+        self.repository = repository
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
-        self.service.draining = True
         refusal = ClientError(503, "the server is shutting down", {"Retry-After": "5"})
         with suppress(RuntimeError):  # a signal handler: touch the line from the loop, not here
             asyncio.get_running_loop().call_soon_threadsafe(
-                self.service.admission.refuse_waiting, refusal)
-        if self.service.batcher is not None:
-            self.service.batcher.close()
+                self.repository.admission.refuse_waiting, refusal)
+        self.repository.close()
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)
         if sig == signal.SIGTERM and captured:
@@ -153,6 +123,8 @@ def serve_granian(settings: Settings) -> int:
         return 2
     os.environ.update(HFF_MODEL_DIR=str(settings.MODEL_DIR.resolve()), HFF_HOST=settings.HOST,
                       HFF_PORT=str(settings.PORT))
+    if settings.MODEL_REPOSITORY is not None:
+        os.environ["HFF_MODEL_REPOSITORY"] = str(settings.MODEL_REPOSITORY.resolve())
     server = Granian("app.rsgi:create_rsgi_app", factory=True, interface="rsgi",
                      address=settings.HOST, port=settings.PORT, workers=1, runtime_mode="st",
                      loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -166,10 +138,15 @@ def serve_granian(settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Serve an exported HFF model dir over HTTP. Every "
-                      "setting also comes from HFF_* environment variables (README: settings).")
-    p.add_argument("--model-dir", default=None, help="model dir written by hff-export "
-                   "(HFF_MODEL_DIR, default models/digits)")
+    p = OneLineParser(prog=PROG, description="Serve an exported HFF model dir, or a repository "
+                      "of them, over HTTP. Every setting also comes from HFF_* environment "
+                      "variables (README: settings).")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model-dir", default=None, help="model dir written by hff-export "
+                        "(HFF_MODEL_DIR, default models/digits)")
+    source.add_argument("--model-repository", default=None, help="model repository, "
+                        "<model>/<version>/ model dirs (HFF_MODEL_REPOSITORY; README: model "
+                        "repository)")
     p.add_argument("--host", default=None, help="address to listen on (HFF_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (HFF_PORT, default 8000)")
     return p
@@ -177,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in (("MODEL_DIR", args.model_dir), ("HOST", args.host),
-                                   ("PORT", args.port)) if v is not None}
+                                   ("PORT", args.port),
+                                   ("MODEL_REPOSITORY", args.model_repository)) if v is not None}
+    if args.model_dir is not None:
+        overrides["MODEL_REPOSITORY"] = ""  # --model-dir wins over HFF_MODEL_REPOSITORY
     return Settings(**overrides)
 
 
@@ -215,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings.SERVER == "granian":
         return serve_granian(settings)
     config = server_config(app, settings)
-    service: Service = app.state.service
-    server = DrainingServer(config, service)
-    service.on_failure = lambda: setattr(server, "should_exit", True)
+    repository: ModelRepository = app.state.repository
+    server = DrainingServer(config, repository)
+    repository.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if server.started and service.failure is None else 1
+    return 0 if server.started and repository.failure is None else 1
 
 
 if __name__ == "__main__":

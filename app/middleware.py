@@ -1,6 +1,7 @@
 """The ASGI layer inside app.guard's: the body limit, and the hot routes.
 
-POST /predict with a JSON body and POST /v2/models/{name}/infer are answered here, without
+POST /predict and /v1/models/{name}:predict with a JSON body and POST
+/v2/models/{name}[/versions/{version}]/infer are answered here, without
 FastAPI's per-request routing, dependency solving and response classes: at a few thousand small
 requests a second those were most of one request's cost (README, "Request path"). They call the
 same functions as the FastAPI routes (auth in app/deps.py; admission, decoding, inference and
@@ -22,17 +23,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.decoding import media_type
 from app.deps import check_api_key
 from app.errors import ClientError, error_body, respond
+from app.repository import ModelRepository
 from app.routes.kserve import infer_json
 from app.routes.predict import is_json, predict_json
 from app.service import Service
 
 log = logging.getLogger(__name__)
 
-V2_MODELS, INFER = "/v2/models/", "/infer"
+V2_MODELS, INFER, VERSIONS = "/v2/models/", "/infer", "/versions/"
+V1_MODELS, PREDICT_VERB = "/v1/models/", ":predict"
 BodyReader = Callable[[], Awaitable[bytes]]
-# (service, model name from the path, headers, body reader) -> the response body; the handler
+# (the model version the path names, headers, body reader) -> the response body; the handler
 # reads the body only once its request is admitted (Service.admit)
-HotHandler = Callable[[Service, str, dict[str, str], BodyReader], Awaitable[dict[str, Any]]]
+HotHandler = Callable[[Service, dict[str, str], BodyReader], Awaitable[dict[str, Any]]]
 
 
 class BodyTooLarge(ClientError):
@@ -51,15 +54,18 @@ class RouteTemplate(NamedTuple):
 
 
 PREDICT, INFER_ROUTE = RouteTemplate("/predict"), RouteTemplate("/v2/models/{name}/infer")
+NAMED_PREDICT = RouteTemplate("/v1/models/{name}:predict")
+VERSION_PREDICT = RouteTemplate("/v1/models/{name}/versions/{version}:predict")
+VERSION_INFER = RouteTemplate("/v2/models/{name}/versions/{version}/infer")
 
 
 class ServiceMiddleware:
     """Body limit for every request; the hot routes served directly."""
 
-    def __init__(self, app: ASGIApp, service: Service):
+    def __init__(self, app: ASGIApp, repository: ModelRepository):
         self.app = app
-        self.service = service
-        self.max_bytes = service.settings.MAX_BODY_BYTES
+        self.repository = repository
+        self.max_bytes = repository.settings.MAX_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,9 +81,10 @@ class ServiceMiddleware:
         if hot is None:
             await self.app(scope, self._limited(receive), send)
             return
-        route, handler, name = hot
+        route, handler, name, version = hot
         scope["route"] = route  # app.guard labels the request by this template
-        answer = await self.answer(handler, name, headers, lambda: self._read_body(receive))
+        answer = await self.answer(handler, name, version, headers,
+                                   lambda: self._read_body(receive))
         if answer is not None:  # else the client left; app.guard counts the 499
             status, out, extra = answer
             await respond(send, status, out, extra)
@@ -119,13 +126,15 @@ class ServiceMiddleware:
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
-    async def answer(self, handler: HotHandler, name: str, headers: dict[str, str],
+    async def answer(self, handler: HotHandler, name: str | None, version: str | None,
+                     headers: dict[str, str],
                      read_body: BodyReader) -> tuple[int, bytes, dict[str, str] | None] | None:
         """A hot route's (status, JSON body, extra headers), whatever the server interface;
         None when the client went away before its body arrived."""
         try:
-            check_api_key(self.service, headers)
-            return 200, orjson.dumps(await handler(self.service, name, headers, read_body)), None
+            check_api_key(self.repository, headers)
+            service = self.repository.find(name, version)  # the model version it names
+            return 200, orjson.dumps(await handler(service, headers, read_body)), None
         except ClientError as e:
             return e.status, error_body(e.message), e.headers
         except ClientGone:
@@ -135,20 +144,26 @@ class ServiceMiddleware:
             return 500, error_body("internal server error (logged on the server)"), None
 
 
-async def _predict(service: Service, name: str, headers: dict[str, str],
-                   read_body: BodyReader) -> dict[str, Any]:
-    return await predict_json(service, headers, read_body)
-
-
-def hot_route(method: str, path: str,
-              headers: dict[str, str]) -> tuple[RouteTemplate, HotHandler, str] | None:
-    """(route template, handler, model name) for a request the hot path answers, else None."""
+def hot_route(method: str, path: str, headers: dict[str, str]
+              ) -> tuple[RouteTemplate, HotHandler, str | None, str | None] | None:
+    """(route template, handler, model name, version) for a request the hot path answers, else
+    None; name None: the default model, version None: the one serving."""
     if method != "POST":
         return None
     if path == "/predict":
-        return (PREDICT, _predict, "") if is_json(media_type(headers)) else None
+        return (PREDICT, predict_json, None, None) if is_json(media_type(headers)) else None
     if path.startswith(V2_MODELS) and path.endswith(INFER):
-        name = path[len(V2_MODELS):-len(INFER)]
-        if name and "/" not in name:
-            return INFER_ROUTE, infer_json, name
+        return _named(path[len(V2_MODELS):-len(INFER)], INFER_ROUTE, VERSION_INFER, infer_json)
+    if path.startswith(V1_MODELS) and path.endswith(PREDICT_VERB) and is_json(media_type(headers)):
+        return _named(path[len(V1_MODELS):-len(PREDICT_VERB)], NAMED_PREDICT, VERSION_PREDICT,
+                      predict_json)
     return None
+
+
+def _named(rest: str, route: RouteTemplate, versioned: RouteTemplate, handler: HotHandler
+           ) -> tuple[RouteTemplate, HotHandler, str | None, str | None] | None:
+    """`name` or `name/versions/v` from a path's middle part."""
+    name, sep, version = rest.partition(VERSIONS)
+    if not name or "/" in name or (sep and (not version or "/" in version)):
+        return None
+    return (versioned, handler, name, version) if sep else (route, handler, name, None)

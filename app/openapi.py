@@ -14,33 +14,40 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.repository import ModelRepository
 from contract.model_dir import GRAPH_INPUT, Manifest
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
-def install_openapi(app: FastAPI, manifest: Manifest, max_instances: int) -> None:
-    """Serve the tailored document at /openapi.json (and /docs); built once, on first request."""
+def install_openapi(app: FastAPI, repository: ModelRepository, max_instances: int) -> None:
+    """Serve the tailored document at /openapi.json (and /docs); built on first request, and
+    again when the models served change. The shapes are the default model's."""
+    built_for: list[Any] = [None]
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        served = [(n, s.version) for n, s in sorted(repository.models.items())]
+        if app.openapi_schema is None or built_for[0] != served:
             schema = copy.deepcopy(get_openapi(  # routes share their openapi_extra dicts
                 title=app.title, version=app.version, description=app.description,
                 routes=app.routes))
-            tailor(schema, manifest, max_instances)
-            app.openapi_schema = schema
+            default = repository.models.get(repository.default)  # type: ignore[arg-type]
+            if default is not None:
+                tailor(schema, default.manifest, max_instances, sorted(repository.models))
+            app.openapi_schema, built_for[0] = schema, served
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def tailor(schema: dict[str, Any], manifest: Manifest, max_instances: int) -> None:
+def tailor(schema: dict[str, Any], manifest: Manifest, max_instances: int,
+           names: list[str]) -> None:
     """Fill the model's names, shapes and the error body into FastAPI's document, in place."""
     for operations in schema["paths"].values():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "path" and parameter["name"] == "name":
-                    parameter["schema"] = {"type": "string", "enum": [manifest.name],
+                    parameter["schema"] = {"type": "string", "enum": names,
                                            "title": "Name", "description": "a served model"}
             _document_errors(operation)
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, not ours

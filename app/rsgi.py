@@ -38,7 +38,7 @@ class RSGIApp:
         self.guard: RequestGuard = app.build_middleware_stack()
         app.middleware_stack = self.guard  # the ASGI path below goes through the same layers
         self.front: ServiceMiddleware = self.guard.app  # type: ignore[assignment]
-        self.body_timeout = app.state.service.settings.BODY_TIMEOUT_S
+        self.body_timeout = app.state.repository.settings.BODY_TIMEOUT_S
         self._lifespan: Any = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -60,7 +60,7 @@ class RSGIApp:
         if hot is None or (declared is not None and front.length_problem(declared) is not None):
             await self._asgi(scope, proto, headers)
             return
-        route, handler, name = hot
+        route, handler, name, version = hot
 
         async def body() -> bytes:
             try:
@@ -69,7 +69,7 @@ class RSGIApp:
             except TimeoutError:
                 raise BodyTimeout(self.body_timeout) from None
 
-        answer = await front.answer(handler, name, headers, body)
+        answer = await front.answer(handler, name, version, headers, body)
         if answer is None:
             status = CLIENT_CLOSED
         else:

@@ -113,7 +113,9 @@ class InputInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="the repository's version directory (the manifest's "
+                                     "version when one model dir is served)")
+    graphs_version: str = Field(description="the manifest's version: a hash of the ONNX graphs")
     device: str
     execution_providers: list[str]
     input: InputInfo

@@ -16,7 +16,7 @@ from app.batcher import Batcher, DeadlineExpired, Job, QueueFull, ShuttingDown
 from app.controller import LoadController
 from app.decoding import InputSpec
 from app.errors import ClientError
-from app.metrics import Metrics
+from app.metrics import ModelMetrics
 from app.runtime import ModelRuntime
 from app.settings import Settings
 
@@ -36,7 +36,8 @@ class RequestTimeout(ClientError):
 
 
 class Service:
-    """Everything a route needs; lives on `app.state.service`.
+    """One loaded model version and everything a route needs to run it; app.repository's
+    ModelRepository holds the loaded ones and finds the one a request names.
 
     Every request path that runs a model (the /predict and KServe infer routes, FastAPI's and the
     hot ones in app/middleware.py, on uvicorn or Granian) goes through the same three calls, which carry the protections:
@@ -44,13 +45,17 @@ class Service:
     `decode(fn, ...)` to parse the body and decode images (off the event loop when large), and
     `infer(x, mode, ticket)` (the batcher, bounded by the deadline). Timeouts on headers, body
     and shutdown, and client disconnects, are handled below the routes (app.protocol, app.guard).
+    Admission and the decode threads are the server's, shared by every model.
     """
 
-    def __init__(self, settings: Settings, runtime: ModelRuntime, metrics: Metrics):
+    def __init__(self, settings: Settings, runtime: ModelRuntime, metrics: ModelMetrics,
+                 admission: Admission, decode_pool: ThreadPoolExecutor, name: str, version: str):
         self.settings = settings
         self.runtime = runtime
         self.metrics = metrics
         self.manifest = runtime.manifest
+        self.name = name  # the repository's model directory, or the manifest's name
+        self.version = version  # the repository's version directory, or the manifest's version
         self.spec = InputSpec(self.manifest.input.shape, self.manifest.input.range,
                               self.manifest.input.resize)
         self.batcher: Batcher | None = None
@@ -58,36 +63,55 @@ class Service:
         self.controller = LoadController(self.points, settings.LATENCY_TARGET_MS,
                                          settings.MIN_ACCURACY)
         self.warmed = False
-        self.draining = False
-        self.failure: str | None = None  # why the model cannot be served (warm-up failed)
-        self.on_failure: Callable[[], None] | None = None  # hff-serve: stop the server
-        self.admission = Admission(settings.QUEUE_BOUND, settings.QUEUE_BYTES,
-                                   settings.QUEUE_WAIT_S, settings.MAX_INSTANCES, metrics)
-        # Its own threads: never the loop's default executor, never the inference thread.
-        self.decode_pool = ThreadPoolExecutor(settings.DECODE_THREADS,
-                                              thread_name_prefix="hff-decode")
+        self.closed: str | None = None  # why this version takes no new requests
+        self.admission = admission
+        self.decode_pool = decode_pool
+        # requests that chose this version and have not ended: a retired version is stopped
+        # only once they are answered
+        self.active = 0
+        self._idle = asyncio.Event()
 
     @property
     def ready(self) -> bool:
-        return self.warmed and not self.draining and self.batcher is not None
-
-    def fail(self, reason: str) -> None:
-        """The model cannot be served: say why once, stay not-ready, and stop the server."""
-        log.error("%s", reason)
-        self.failure = reason
-        if self.on_failure is not None:
-            self.on_failure()
+        return self.warmed and self.closed is None and self.batcher is not None
 
     def not_ready_reason(self) -> str:
-        if self.failure is not None:
-            return self.failure
-        if self.draining:
-            return "the server is shutting down"
-        return "the model is still warming up"
+        return self.closed if self.closed is not None else "the model is still warming up"
 
     def not_ready_error(self) -> ClientError:
-        """The 503 every route answers while warming up, failed or shutting down."""
+        """The 503 every route answers while warming up or shutting down."""
         return ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+
+    # --- lifecycle (app.repository) ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Warmed up (runtime.warm_up, off the loop): start taking requests."""
+        batcher = Batcher(self.runtime, self.metrics, max_batch_size=self.settings.MAX_BATCH_SIZE,
+                          max_wait_ms=self.settings.MAX_BATCH_WAIT_MS,
+                          queue_bound=self.settings.QUEUE_BOUND,
+                          scheduling=self.settings.SCHEDULING, controller=self.controller)
+        batcher.start()
+        self.batcher = batcher
+        self.warmed = True
+
+    def close(self, reason: str) -> None:
+        """Take no new work (SIGTERM); what was accepted is still answered."""
+        self.closed = self.closed or reason
+        if self.batcher is not None:
+            self.batcher.close()
+
+    async def drain(self, reason: str) -> None:
+        """Retire this version: wait for the requests that chose it, then stop its batcher (which
+        answers everything it accepted) and drop its metric series."""
+        while self.active:
+            self._idle.clear()
+            await self._idle.wait()
+        self.close(reason)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.metrics.remove()
+        log.info("model %s version %s stopped, every request it took answered (%s)", self.name,
+                 self.version, reason)
 
     # --- early exit --------------------------------------------------------------------------
 
@@ -112,15 +136,23 @@ class Service:
         time), held until the request ends; the ticket carries the request's deadline."""
         if not self.ready:
             raise self.not_ready_error()
-        raw = headers.get("content-length")
-        length = int(raw) if raw is not None and raw.isdigit() else None
-        loop = asyncio.get_running_loop()
-        ticket = await self.admission.acquire(length, self.settings.MAX_BODY_BYTES,
-                                              loop.time() + self.settings.REQUEST_TIMEOUT_S)
+        # counted before the first await: the lookup that chose this version and this line run
+        # in one step of the loop, so a version switch never stops a version a request chose
+        self.active += 1
         try:
-            yield ticket
+            raw = headers.get("content-length")
+            length = int(raw) if raw is not None and raw.isdigit() else None
+            loop = asyncio.get_running_loop()
+            ticket = await self.admission.acquire(length, self.settings.MAX_BODY_BYTES,
+                                                  loop.time() + self.settings.REQUEST_TIMEOUT_S)
+            try:
+                yield ticket
+            finally:
+                self.admission.release(ticket)
         finally:
-            self.admission.release(ticket)
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
 
     async def decode(self, ticket: Ticket, heavy: bool, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) (parse a body, decode images): inline when light, else on the decode
@@ -203,4 +235,4 @@ class Service:
         return {"index": index, "expected_accuracy": self.points[index].expected_accuracy}
 
     def model_ref(self) -> dict[str, str]:
-        return {"name": self.manifest.name, "version": self.manifest.version}
+        return {"name": self.name, "version": self.version}

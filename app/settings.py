@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.early_exit import EarlyExitMode
@@ -17,7 +17,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HFF_", extra="ignore", case_sensitive=False)
 
+    # A model repository, <model>/<version>/ model dirs (README, "Model repository"); when set it
+    # is served and MODEL_DIR is not
+    MODEL_REPOSITORY: Path | None = None
     MODEL_DIR: Path = Path("models/digits")  # an exported model dir (manifest.json + ONNX graphs)
+    POLL_S: float | None = Field(None, gt=0.0)  # poll the repository for new versions; unset: off
     HOST: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface (containers)
     PORT: int = Field(8000, ge=0, le=65535)
     MAX_BATCH_SIZE: int = Field(64, ge=1, le=4096)  # rows per onnxruntime call; 1 = batching off
@@ -49,16 +53,27 @@ class Settings(BaseSettings):
     # the HTTP server: uvicorn, or granian (the granian extra; Rust HTTP and the RSGI interface)
     SERVER: Literal["uvicorn", "granian"] = "uvicorn"
 
+    @field_validator("MODEL_REPOSITORY")
+    @classmethod
+    def _model_repository(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory (a model repository holds <model>/<version>/ "
+                             "model dirs)")
+        return v
+
     @field_validator("MODEL_DIR")
     @classmethod
-    def _model_dir(cls, v: Path) -> Path:
+    def _model_dir(cls, v: Path, info: ValidationInfo) -> Path:
+        if info.data.get("MODEL_REPOSITORY") is not None:
+            return v  # the repository is served; an image's default HFF_MODEL_DIR does not matter
         if not v.is_dir():
             raise ValueError(f"model dir {v} does not exist (export one with hff-export)")
         if not (v / MANIFEST_FILE).is_file():
             raise ValueError(f"{v} holds no {MANIFEST_FILE}: not a model dir written by hff-export")
         return v
 
-    @field_validator("LATENCY_TARGET_MS", "MIN_ACCURACY", mode="before")
+    @field_validator("LATENCY_TARGET_MS", "MIN_ACCURACY", "MODEL_REPOSITORY", "POLL_S",
+                     mode="before")
     @classmethod
     def _unset(cls, v):
         return None if isinstance(v, str) and v.strip() == "" else v  # VAR= (empty) means unset

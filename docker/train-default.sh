@@ -1,11 +1,14 @@
 #!/bin/sh
-# The compose `train` job: train HFF_DATASET (the bundled digits by default) and export it into the model volume, unless
-# a model is already there, so `docker compose up` trains only the first time. A run killed
-# half-way is resumed; a finished run that was not exported yet is only exported.
+# The compose `train` job: train HFF_DATASET (the bundled digits by default) and publish it as the
+# next version of model HFF_MODEL_NAME in the model repository, unless a version is already there,
+# so `docker compose up` trains only the first time. HFF_RETRAIN=1 trains again from scratch and
+# publishes the next version (the serving replicas load it within HFF_POLL_S, no restart). A run
+# killed half-way is resumed; a finished run that was not published yet is only exported.
 set -eu
 
 dataset="${HFF_DATASET:-digits}"
-model_dir="${HFF_MODEL_DIR:-/models/default}"
+repository="${HFF_MODEL_REPOSITORY:-/models/repository}"
+name="${HFF_MODEL_NAME:-$dataset}"
 run_dir="${HFF_RUN_DIR:-/runs/$dataset}"
 epochs="${HFF_TRAIN_EPOCHS:-}"  # empty: the data set's default below, else the trainer's
 batch=""
@@ -14,22 +17,27 @@ if [ "$dataset" = fashion-mnist ]; then  # the README's Fashion-MNIST recipe (Ma
     batch=128
 fi
 
-if [ -f "$model_dir/manifest.json" ]; then
-    served=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("dataset", ""))' \
-        "$model_dir/manifest.json" 2>/dev/null || true)
-    if [ "$served" = "$dataset" ]; then
-        echo "hff-train-default: $model_dir already holds a $dataset model; skipping training and export"
-        exit 0
-    fi
-    echo "hff-train-default: $model_dir holds a ${served:-unknown} model, HFF_DATASET is $dataset: replacing it"
+# The newest complete version (a dir named by a number, with its manifest.json), if any.
+newest=""
+if [ -d "$repository/$name" ]; then
+    for dir in $(ls "$repository/$name" | grep -E '^[0-9]+$' | sort -n); do
+        if [ -f "$repository/$name/$dir/manifest.json" ]; then newest="$dir"; fi
+    done
 fi
-if [ -f "$run_dir/metrics.json" ]; then
+retrain="${HFF_RETRAIN:-}"
+if [ "$retrain" = 1 ]; then
+    echo "hff-train-default: HFF_RETRAIN=1: training $dataset again for the next version of $name"
+elif [ -n "$newest" ]; then
+    echo "hff-train-default: $repository/$name already holds version $newest; skipping training and export"
+    exit 0
+fi
+if [ "$retrain" != 1 ] && [ -f "$run_dir/metrics.json" ]; then
     echo "hff-train-default: $run_dir holds a finished run; exporting it"
-elif [ -f "$run_dir/train_state.pt" ]; then
+elif [ "$retrain" != 1 ] && [ -f "$run_dir/train_state.pt" ]; then
     hff-train --out "$run_dir" --resume --no-progress
 else
     hff-train --dataset "$dataset" --out "$run_dir" --overwrite --no-progress ${epochs:+--epochs "$epochs"} \
         ${batch:+--batch-size "$batch"}
 fi
-hff-export "$run_dir" --out "$model_dir" --name "$dataset"
-echo "hff-train-default: exported $run_dir to $model_dir"
+hff-export "$run_dir" --repository "$repository" --name "$name"
+echo "hff-train-default: exported $run_dir to $repository/$name"

@@ -2,13 +2,17 @@
 
 The model dir contract is contract/model_dir.py. Everything is written into a temp dir beside the
 target and renamed into place only after onnx.checker, the torch/onnxruntime parity checks and the
-early-exit calibration have passed, so a failed export never leaves a model dir behind. The
+early-exit calibration have passed, so a failed export never leaves a model dir behind.
+`export_to_repository` publishes the next version of a model in a Triton-layout repository
+(`<repository>/<model>/<version>/`) the same way: the version dir appears complete, manifest.json
+included, in one rename, so a server polling the repository never sees it half-written. The
 graphs come from model/onnx_graphs.py, their checks from model/onnx_verify.py, the command line
 is model/export_cli.py.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EPSILON = 0.005  # accuracy an early exit may lose against the full network (0.5 points)
 DEFAULT_CONFIDENCE = 0.95  # how sure the calibration must be that an exit stays within epsilon
+# A model's name in a repository: a path segment and a URL segment (/v2/models/<name>) as it is
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_NAME = re.compile(r"[0-9]{1,18}")  # a version dir's name, as the server reads it
 
 
 @dataclass
@@ -157,12 +164,43 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
                  atol: float = PARITY_ATOL,
                  confidence: float = DEFAULT_CONFIDENCE) -> ExportResult:
     """Export, verify and calibrate `run_dir` into the model dir `out` (replaced atomically)."""
+    run_dir, out = Path(run_dir), Path(out)
+
+    def place(tmp: Path) -> Path:
+        _replace_dir(tmp, out)
+        return out
+
+    return _export(run_dir, out, name or out.resolve().name, place, lambda: _check_target(run_dir, out),
+                   opset, epsilon, atol, confidence)
+
+
+def export_to_repository(run_dir: str | Path, repository: str | Path, name: str,
+                         opset: int = DEFAULT_OPSET, epsilon: float = DEFAULT_EPSILON,
+                         atol: float = PARITY_ATOL,
+                         confidence: float = DEFAULT_CONFIDENCE) -> ExportResult:
+    """Export `run_dir` as the next version of model `name` in `repository`:
+    `<repository>/<name>/<n + 1>/`, n the newest version there (0 when none)."""
+    run_dir, repository = Path(run_dir), Path(repository)
+    if not MODEL_NAME.fullmatch(name):
+        raise ExportError(f"model name {name!r} is not usable in a repository: letters, digits, "
+                          "'.', '_' and '-', starting with a letter or digit, at most 128")
+    model_root = repository / name
+    _check_repository(repository, model_root)
+    # The temp dirs beside the versions are `.NAME.PID.XXXXXXXX.tmp`: hidden, never a number.
+    staging = model_root / name
+    return _export(run_dir, staging, name, lambda tmp: _publish_version(tmp, model_root),
+                   lambda: None, opset, epsilon, atol, confidence)
+
+
+def _export(run_dir: Path, out: Path, name: str, place, check_target, opset: int, epsilon: float,
+            atol: float, confidence: float) -> ExportResult:
+    """The export both entry points share: checks, graphs into a temp dir beside `out`, then
+    `place(tmp)` moves it into place and returns where it went."""
     check_opset(opset)
     if not 0.0 <= epsilon < 1.0:
         raise ExportError(f"epsilon must be a fraction in [0, 1) (0.005 = 0.5 points), got {epsilon}")
     if not 0.0 <= confidence < 1.0:
         raise ExportError(f"confidence must be in [0, 1) (0.95 = 95%; 0 = no bound), got {confidence}")
-    run_dir, out = Path(run_dir), Path(out)
     cfg = load_config(run_dir).model
     if cfg.family != "hff":
         raise ExportError(f"{run_dir} holds a {cfg.family!r} network: only 'hff' networks have "
@@ -170,19 +208,17 @@ def export_model(run_dir: str | Path, out: str | Path, name: str | None = None,
     config, net = load_checkpoint(run_dir)
     cfg = config.model
     heldout = load_heldout(run_dir, cfg.num_blocks, cfg.num_classes)
-    _check_target(run_dir, out)
+    check_target()
     started = time.time()
     remove_stale_temp_dirs(out, started)
     tmp = _make_temp_dir(out)
     try:
-        result = _export_into(tmp, config, net, name or out.resolve().name, opset, epsilon, atol,
-                              heldout, confidence)
-        _replace_dir(tmp, out)
+        result = _export_into(tmp, config, net, name, opset, epsilon, atol, heldout, confidence)
+        result.model_dir = place(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result.model_dir = out
-    log.info("exported %s to %s (version %s)", run_dir, out, result.manifest.version)
+    log.info("exported %s to %s (version %s)", run_dir, result.model_dir, result.manifest.version)
     return result
 
 
@@ -246,6 +282,38 @@ def _check_target(run_dir: Path, out: Path) -> None:
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ExportError(f"{out} is not empty and holds no {MANIFEST_FILE}: refusing to "
                               "replace what is not a model dir")
+
+
+def _check_repository(repository: Path, model_root: Path) -> None:
+    for path, what in ((repository, "--repository"), (model_root, "the model's dir")):
+        if path.exists() and not path.is_dir():
+            raise ExportError(f"{what} {path} is a file, not a directory (a repository holds "
+                              "<model>/<version>/ model dirs)")
+
+
+def repository_versions(model_root: Path) -> list[int]:
+    """The version numbers taken in a model's dir, ascending (any entry with a number's name:
+    a file in the way takes its number too)."""
+    if not model_root.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_root.iterdir() if VERSION_NAME.fullmatch(p.name))
+
+
+def _publish_version(tmp: Path, model_root: Path) -> Path:
+    """Rename the finished dir to the next version number. rename(2) refuses a target that
+    exists and is not empty, so of two exports racing for number n one gets it and the other
+    takes the next number."""
+    os.chmod(tmp, 0o777 & ~atomic._UMASK)  # mkdtemp makes 0700 dirs; a model dir is shared
+    while True:
+        target = model_root / str(max(repository_versions(model_root), default=0) + 1)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                continue  # taken since we looked: the listing now holds it
+            raise
+        log.info("published %s as version %s", model_root.name, target.name)
+        return target
 
 
 def _temp_prefix(out: Path) -> str:

@@ -14,6 +14,7 @@ from model.export import (
     ExportError,
     ExportResult,
     export_model,
+    export_to_repository,
 )
 from model.onnx_verify import DEFAULT_OPSET
 
@@ -24,8 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Export a checkpoint dir to a verified ONNX model dir.",
                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="checkpoint dir written by hff-train")
-    p.add_argument("--out", required=True, help="model dir to write (an earlier one is replaced)")
-    p.add_argument("--name", default=None, help="model name in the manifest (default: --out's name)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="model dir to write (an earlier one is replaced)")
+    where.add_argument("--repository", help="model repository (Triton's layout, as hff-serve "
+                       "--model-repository reads it): writes the next version, "
+                       "REPOSITORY/NAME/<newest + 1>/; needs --name")
+    p.add_argument("--name", default=None,
+                   help="model name in the manifest (default: --out's name); with --repository "
+                        "also the model's dir in it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                    help="accuracy an early exit may lose, as a fraction (0.005 = 0.5 points)")
@@ -67,16 +74,23 @@ def print_report(result: ExportResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repository is not None and args.name is None:
+        parser.error("--repository needs --name: the model's name in the repository")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = dict(opset=args.opset, epsilon=args.epsilon, confidence=args.confidence)
     try:
-        result = export_model(args.run_dir, args.out, name=args.name, opset=args.opset,
-                              epsilon=args.epsilon, confidence=args.confidence)
+        if args.repository is not None:
+            result = export_to_repository(args.run_dir, args.repository, args.name, **options)
+        else:
+            result = export_model(args.run_dir, args.out, name=args.name, **options)
     except (ExportError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{PROG}: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        target = args.out or args.repository
+        print(f"{PROG}: error: cannot write {target}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no model dir was written", file=sys.stderr)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the hff-train and hff-serve images (tags :latest, the names docker-compose.yml uses) with
-# Docker or podman. Usage: scripts/container-build.sh [train] [serve]   (default: both)
+# Build the hff-train, hff-serve and hff-proxy images (tags :latest, the names docker-compose.yml
+# uses) with Docker or podman.
+# Usage: scripts/container-build.sh [train] [serve] [proxy]   (default: all three)
 #
 # CONTAINER_ENGINE  docker or podman (default: docker when its daemon answers, else podman)
 # HFF_WHEELS_DIR    local wheels pip may install from inside the build (default: the first
@@ -51,11 +52,11 @@ fi
 args+=(${HFF_BUILD_ARGS:-})
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(train serve)
+[ ${#targets[@]} -gt 0 ] || targets=(train serve proxy)
 for target in "${targets[@]}"; do
     case "$target" in
-        train | serve) ;;
-        *) echo "container-build: unknown image '$target' (train or serve)" >&2; exit 2 ;;
+        train | serve | proxy) ;;
+        *) echo "container-build: unknown image '$target' (train, serve or proxy)" >&2; exit 2 ;;
     esac
     start=$(date +%s)
     "$engine" build "${args[@]}" --target "$target" -t "hff-$target:latest" .

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import ServiceDep
+from app.deps import RepositoryDep
 
 router = APIRouter(tags=["health"])
 
@@ -17,10 +17,10 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(service: ServiceDep) -> dict[str, str] | JSONResponse:
-    """The model is loaded and warmed and the server is not shutting down (503 otherwise)."""
-    if not service.ready:
-        raise service.not_ready_error()
+async def readyz(repository: RepositoryDep) -> dict[str, str] | JSONResponse:
+    """Every loaded model is warmed up and the server is not shutting down (503 otherwise)."""
+    if not repository.ready:
+        raise repository.not_ready_error()
     return {"status": "ready"}
 
 
@@ -31,10 +31,10 @@ async def v2_live() -> dict[str, bool]:
 
 
 @router.get("/v2/health/ready", response_model=None)
-async def v2_ready(service: ServiceDep) -> dict[str, bool] | JSONResponse:
+async def v2_ready(repository: RepositoryDep) -> dict[str, bool] | JSONResponse:
     """KServe v2 readiness (503 while warming up or shutting down)."""
-    if not service.ready:
-        error = service.not_ready_error()
+    if not repository.ready:
+        error = repository.not_ready_error()
         return JSONResponse({"ready": False, "error": error.message}, status_code=error.status,
                             headers=error.headers)
     return {"ready": True}

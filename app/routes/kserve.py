@@ -17,7 +17,7 @@ from app.decoding import (
     media_type,
     parse_json_body,
 )
-from app.deps import ApiKey, ServiceDep
+from app.deps import ApiKey, NamedServiceDep, RepositoryDep, VersionedServiceDep
 from app.errors import ClientError, excerpt
 from app.schemas import (
     ErrorResponse,
@@ -34,25 +34,29 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
-def _check_name(service: Service, name: str) -> None:
-    if name != service.manifest.name:
-        raise ClientError(404, f"unknown model {excerpt(name)} (this server serves "
-                               f"{service.manifest.name!r})")
-
-
 @router.get("")
-async def server_metadata(service: ServiceDep) -> dict[str, Any]:
+async def server_metadata(repository: RepositoryDep) -> dict[str, Any]:
     """Server metadata."""
     return {"name": "hff-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS)
-async def model_metadata(name: str, service: ServiceDep) -> dict[str, Any]:
+async def model_metadata(service: NamedServiceDep) -> dict[str, Any]:
     """Model metadata: input tensor and the outputs infer returns."""
-    _check_name(service, name)
+    return _metadata(service)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata,
+            responses=_ERRORS)
+async def model_version_metadata(service: VersionedServiceDep) -> dict[str, Any]:
+    """Model metadata of one version (404 unless it is the version serving)."""
+    return _metadata(service)
+
+
+def _metadata(service: Service) -> dict[str, Any]:
     c, h, w = service.spec.shape
     return {
-        "name": name, "versions": [service.manifest.version], "platform": "onnxruntime_onnx",
+        "name": service.name, "versions": [service.version], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, service.manifest.num_classes]},
@@ -63,12 +67,21 @@ async def model_metadata(name: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/ready", response_model=None, responses=_ERRORS)
-async def model_ready(name: str, service: ServiceDep):
+async def model_ready(service: NamedServiceDep):
     """Model readiness (503 while warming up or shutting down)."""
-    _check_name(service, name)
+    return _ready(service)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=None, responses=_ERRORS)
+async def model_version_ready(service: VersionedServiceDep):
+    """Readiness of one version of a model (404 unless it is the version serving)."""
+    return _ready(service)
+
+
+def _ready(service: Service) -> dict[str, Any]:
     if not service.ready:
         raise service.not_ready_error()
-    return {"name": name, "ready": True}
+    return {"name": service.name, "ready": True}
 
 
 _INFER_BODY = {"required": True, "content": {
@@ -83,20 +96,26 @@ _INFER_BODY = {"required": True, "content": {
 
 @router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS,
              openapi_extra={"requestBody": _INFER_BODY})
-async def infer(name: str, request: Request, service: ServiceDep) -> JSONResponse:
+async def infer(request: Request, service: NamedServiceDep) -> JSONResponse:
     """Run inference on an FP32 tensor named `input` of shape [N, C, H, W]."""
     # app/middleware.py answers these itself; this serves direct ASGI use. A built response
     # skips re-validating what infer_json just made against response_model (which stays for
     # the OpenAPI document).
-    return JSONResponse(await infer_json(service, name, request.headers, request.body))
+    return JSONResponse(await infer_json(service, request.headers, request.body))
 
 
-async def infer_json(service: Service, name: str, headers: Mapping[str, str],
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
+             responses=_ERRORS, openapi_extra={"requestBody": _INFER_BODY})
+async def infer_version(request: Request, service: VersionedServiceDep) -> JSONResponse:
+    """Inference on one version of a model (404 unless it is the version serving)."""
+    return JSONResponse(await infer_json(service, request.headers, request.body))
+
+
+async def infer_json(service: Service, headers: Mapping[str, str],
                      read_body: Callable[[], Awaitable[bytes]]) -> dict[str, Any]:
     """A KServe v2 infer request -> the response body: the one implementation, for the FastAPI
     route and for the hot path in app/middleware.py (`headers`: lower-case names). The body is
     read only once the request is admitted (app.admission), so `read_body` is a callable."""
-    _check_name(service, name)
     async with service.admit(headers) as ticket:
         header, binary = _split_body(headers, await read_body())
         heavy = len(header) > INLINE_DECODE_BYTES
@@ -104,7 +123,7 @@ async def infer_json(service: Service, name: str, headers: Mapping[str, str],
         params = req.parameters
         job = await service.infer(x, params.early_exit if params else None, ticket,
                                   deadline_ms=params.deadline_ms if params else None)
-        return _response(name, req, job, service)
+        return _response(req, job, service)
 
 
 def _decode(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequest, np.ndarray]:
@@ -122,11 +141,11 @@ def _decode(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequ
     return req, _input_array(tensor, binary, service)
 
 
-def _response(name: str, req: V2InferRequest, job, service: Service) -> dict[str, Any]:
+def _response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     return {
-        "model_name": name, "model_version": service.manifest.version, "id": req.id,
+        "model_name": service.name, "model_version": service.version, "id": req.id,
         "outputs": [
             {"name": "probabilities", "shape": [n, classes], "datatype": "FP32",
              "data": job.probs.reshape(-1).tolist()},  # (N, C) -> flat, row-major

@@ -1,4 +1,4 @@
-"""GET /v1/models: what is served, on which device, with which early-exit settings."""
+"""GET /v1/models[/{name}]: what is served, on which device, with which early-exit settings."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import ApiKey, ServiceDep
-from app.schemas import ModelsResponse
+from app.deps import ApiKey, NamedServiceDep, RepositoryDep
+from app.schemas import ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["models"], dependencies=[ApiKey])
 POINT_FIELDS = {"thresholds", "expected_accuracy", "compute_fraction", "test_accuracy",
@@ -17,8 +17,9 @@ POINT_FIELDS = {"thresholds", "expected_accuracy", "compute_fraction", "test_acc
 def model_info(service) -> dict[str, Any]:
     m = service.manifest
     return {
-        "name": m.name,
-        "version": m.version,
+        "name": service.name,
+        "version": service.version,
+        "graphs_version": m.version,
         "device": service.runtime.device,
         "execution_providers": service.runtime.providers,
         "input": {"name": m.input.name, "shape": m.input.shape, "dtype": m.input.dtype,
@@ -41,6 +42,14 @@ def model_info(service) -> dict[str, Any]:
 
 
 @router.get("/v1/models", response_model=ModelsResponse)
-async def list_models(service: ServiceDep) -> dict[str, Any]:
-    """The served model's metadata (the demo page reads it)."""
-    return {"models": [model_info(service)]}
+async def list_models(repository: RepositoryDep) -> dict[str, Any]:
+    """The served models' metadata, the default model first (the demo page reads it)."""
+    names = sorted(repository.models, key=lambda n: (n != repository.default, n))
+    return {"models": [model_info(repository.models[n]) for n in names]}
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo,
+            responses={404: {"model": ErrorResponse}})
+async def get_model(service: NamedServiceDep) -> dict[str, Any]:
+    """One served model's metadata."""
+    return model_info(service)

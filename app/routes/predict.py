@@ -21,7 +21,7 @@ from app.decoding import (
     media_type,
     parse_json_body,
 )
-from app.deps import ApiKey, ServiceDep
+from app.deps import ApiKey, NamedServiceDep, ServiceDep, VersionedServiceDep
 from app.errors import ClientError, excerpt
 from app.schemas import (
     MIN_DEADLINE_MS,
@@ -38,7 +38,7 @@ router = APIRouter(tags=["predict"], dependencies=[ApiKey])
 MAX_FORM_FIELDS = 16  # the options are a handful; more is a malformed or hostile form
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 429, 503, 504)}
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 _BODY = {
     "required": True,
     "content": {
@@ -103,7 +103,26 @@ def _decode_json(body: bytes, service: Service) -> tuple[PredictRequest, np.ndar
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
              openapi_extra={"requestBody": _BODY})
 async def predict(request: Request, service: ServiceDep) -> JSONResponse:
-    """Classify instances; each answer names the block that made the decision."""
+    """Classify instances with the default model (the only one, or the first by name); each
+    answer names the block that made the decision."""
+    return await _predict_request(request, service)
+
+
+@router.post("/v1/models/{name}:predict", response_model=PredictResponse,
+             responses=_ERRORS, openapi_extra={"requestBody": _BODY})
+async def predict_named(request: Request, service: NamedServiceDep) -> JSONResponse:
+    """/predict with the model named in the path (TF Serving's REST convention)."""
+    return await _predict_request(request, service)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", response_model=PredictResponse,
+             responses=_ERRORS, openapi_extra={"requestBody": _BODY})
+async def predict_version(request: Request, service: VersionedServiceDep) -> JSONResponse:
+    """/predict with one version of a model (404 unless it is the version serving)."""
+    return await _predict_request(request, service)
+
+
+async def _predict_request(request: Request, service: Service) -> JSONResponse:
     ctype = media_type(request.headers)
     if is_json(ctype):  # app/middleware.py answers these itself; this serves direct ASGI use
         return JSONResponse(await predict_json(service, request.headers, request.body))

@@ -21,6 +21,7 @@
 
   const state = {
     model: null,
+    models: [], // every served model (/v1/models), the default first
     C: 1, H: 8, W: 8, scale: 32,
     strokes: [], // each stroke is a list of [x, y] in drawing-canvas pixels
     image: null, // uploaded image: {name, width, height, rgb: Float32Array (3, h, w)}
@@ -104,13 +105,30 @@
       handleFailure(err, loadModel);
       return;
     }
-    const model = body && Array.isArray(body.models) ? body.models[0] : null;
-    if (!model || !model.input || !Array.isArray(model.input.shape)) {
+    const models = body && Array.isArray(body.models)
+      ? body.models.filter((m) => m && m.input && Array.isArray(m.input.shape)) : [];
+    if (!models.length) {
       $("model-status").textContent = "The service lists no model.";
       return;
     }
-    setModel(model);
+    // A model repository serves several: the selector picks the one predictions go to
+    // (the first is the server's default, the one plain /predict answers from).
+    state.models = models;
+    const select = $("model-select");
+    select.replaceChildren(...models.map((m, i) => {
+      const option = document.createElement("option");
+      option.value = String(i);
+      option.textContent = `${m.name} (version ${m.version})`;
+      return option;
+    }));
+    $("model-picker").hidden = models.length < 2;
+    setModel(models[0]);
   }
+
+  $("model-select").addEventListener("change", (e) => {
+    const model = state.models[Number(e.target.value)];
+    if (model) setModel(model);
+  });
 
   function fmtPct(p) {
     return `${(100 * p).toFixed(1)}%`;
@@ -643,7 +661,8 @@
     btn.textContent = "Predicting…";
     document.querySelector(".result-panel").setAttribute("aria-busy", "true");
     try {
-      const body = await api("predict", {
+      const path = `v1/models/${encodeURIComponent(state.model.name)}:predict`;
+      const body = await api(path, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(request),

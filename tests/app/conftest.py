@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, run_module
 
@@ -52,17 +53,31 @@ def digits_test_split(digits_splits) -> tuple[np.ndarray, np.ndarray]:
     return digits_splits["test"]
 
 
+def metric(text: str, series: str) -> float:
+    """The value of `series` ('name' or 'name{label="value",...}') in a /metrics text, summed
+    over the labels it leaves out (the per-model metrics also carry model and version)."""
+    name, _, rest = series.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    samples = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and want.items() <= s.labels.items()]
+    assert samples, f"no {series} in /metrics"
+    return sum(samples)
+
+
 class ServerProcess:
     """`python -m app` in a subprocess; `url` once /readyz says ready."""
 
-    def __init__(self, model_dir: Path, log_path: Path, **settings: str):
+    def __init__(self, model_dir: Path | None, log_path: Path, *,
+                 model_repository: Path | None = None, **settings: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         env = repo_env(**{f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
+        source = (["--model-dir", str(model_dir)] if model_repository is None
+                  else ["--model-repository", str(model_repository)])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--model-dir", str(model_dir), "--port", str(self.port)],
+            [sys.executable, "-m", "app", *source, "--port", str(self.port)],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
@@ -122,7 +137,7 @@ def sigterm_under_load(srv: ServerProcess, body: dict, requests: int, rows_in_fl
             async with httpx.AsyncClient(base_url=srv.url) as probe:
                 while True:
                     text = (await probe.get("/metrics")).text
-                    if float(re.search(r"^hff_instances_in_flight (\S+)$", text, re.M)[1]) > rows_in_flight:
+                    if metric(text, "hff_instances_in_flight") > rows_in_flight:
                         break
                     await asyncio.sleep(0.005)
             srv.terminate()

@@ -368,3 +368,39 @@ def test_the_page_is_open_without_the_key_but_the_api_is_not(site):
     assert r.status_code == 401 and "error" in r.json()
     paths = httpx.get(f"{site}/openapi.json").json()["paths"]
     assert "/" not in paths and "/predict" in paths
+
+
+def test_the_model_selector_sends_to_the_model_chosen(digits_model_dir, browser, tmp_path):
+    """A repository of two models: the page lists both and predicts with the one selected."""
+    from selenium.webdriver.support.ui import Select
+
+    from tests.app.conftest import ServerProcess, metric
+    from tests.app.test_model_repository import LETTERS, add_version
+
+    repo = tmp_path / "repo"
+    for name, names in (("digits", None), ("letters", LETTERS)):
+        (repo / name).mkdir(parents=True)
+        add_version(digits_model_dir, repo, name, 1, names)
+    srv = ServerProcess(None, tmp_path / "server.log", model_repository=repo, api_key=API_KEY,
+                        threads=1)
+    try:
+        _open_with_key(browser, srv.url)
+        picker = browser.find_element(By.ID, "model-picker")
+        assert picker.is_displayed()
+        select = Select(browser.find_element(By.ID, "model-select"))
+        assert [o.text for o in select.options] == ["digits (version 1)", "letters (version 1)"]
+        assert browser.find_element(By.ID, "meta-name").text == "digits"
+        select.select_by_visible_text("letters (version 1)")
+        assert browser.find_element(By.ID, "meta-name").text == "letters"
+        browser.find_element(By.ID, "live-check").click()  # predict only when asked
+        _draw_zero(browser)
+        before = _seq(browser)
+        browser.find_element(By.ID, "predict-btn").click()
+        shown = _predicted(browser, before)
+        assert shown["class_name"] == "a"  # letters' name for the label 0
+        text = httpx.get(srv.url + "/metrics").text
+        assert 'hff_requests_total{route="/v1/models/{name}:predict",status="200"}' in text
+        assert metric(text, 'hff_batch_size_count{model="letters",version="1"}') >= 1
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log()

@@ -119,7 +119,7 @@ def test_the_batcher_degrades_auto_under_a_slow_stage_and_recovers_but_never_off
     async def go():
         runtime = HoldingRuntime(delay=0.02)
         controller = LoadController(points, target_ms=30, up_dwell_s=0.3, warmup_batches=4)
-        metrics = Metrics()
+        metrics = Metrics().for_model("m", "1")
         b = Batcher(runtime, metrics, max_batch_size=4, max_wait_ms=0, controller=controller)
         b.start()
         # rows sure from block 1 on: point 0 (threshold 1.0) never exits early, point 1 does

@@ -33,7 +33,8 @@ def test_the_document_names_the_model_its_shape_and_the_error_body(fuzzed_server
                      timeout=30).json()["models"][0]["name"]
     operations = [op for ops in doc["paths"].values() for op in ops.values()]
     names = [p for op in operations for p in op.get("parameters", []) if p["name"] == "name"]
-    assert len(names) == 3 and all(p["schema"]["enum"] == [name] for p in names)
+    # KServe's three routes and TF Serving's three, each also with a version
+    assert len(names) == 9 and all(p["schema"]["enum"] == [name] for p in names)
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for op in operations:
         assert op["responses"]["default"]["content"] == error, op["summary"]
@@ -60,13 +61,15 @@ def test_schemathesis_finds_no_server_error_and_reaches_infer(fuzzed_server, tmp
     b64 string must hold a PNG, that `data` must have N*C*H*W values, or that a binary body needs
     the Inference-Header-Content-Length header, so such schema-valid requests get a 4xx.
     negative_data_rejection: the service is lenient where it does no harm (a form's
-    return_blocks=0 is false, top_k 3.0 is 3), which a schema cannot say either."""
+    return_blocks=0 is false, top_k 3.0 is 3), which a schema cannot say either. Model control
+    is left out: an unload would turn the rest of the run into 404s (test_model_repository.py
+    covers it)."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st is not None, "schemathesis is missing: make setup installs the test extra"
     proc = subprocess.run(
         [st, "run", f"{fuzzed_server.url}/openapi.json", "--checks", "all",
          "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
-         "--max-examples", "20", "--seed", "1",
+         "--max-examples", "20", "--seed", "1", "--exclude-path-regex", "^/v2/repository/",
          "--workers", "1", "--request-timeout", "30", "--header", f"X-API-Key: {API_KEY}",
          "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 
 from app.batcher import Batcher, DeadlineExpired, QueueFull, ShuttingDown
-from app.metrics import Metrics
+from app.metrics import Metrics, ModelMetrics
 from app.runtime import StageOutput
 
 CLASSES = 4
 BLOCKS = 3
+
+
+def model_metrics() -> ModelMetrics:
+    return Metrics().for_model("m", "1")
 
 
 class ScriptedRuntime:
@@ -68,7 +72,7 @@ def run(coro):
 def test_rows_exit_at_their_block_in_request_order_across_split_batches():
     async def go():
         runtime = ScriptedRuntime()
-        b = Batcher(runtime, Metrics(), max_batch_size=4, max_wait_ms=0)
+        b = Batcher(runtime, model_metrics(), max_batch_size=4, max_wait_ms=0)
         b.start()
         ids = np.arange(10)
         sure_at = np.array([1, 3, 2, 1, 3, 2, 1, 1, 2, 3])
@@ -94,7 +98,7 @@ def test_a_request_is_answered_while_the_rest_of_its_batch_still_runs():
     async def go():
         gate = threading.Event()
         runtime = ScriptedRuntime({2: gate})
-        b = Batcher(runtime, Metrics(), max_batch_size=8, max_wait_ms=50)
+        b = Batcher(runtime, model_metrics(), max_batch_size=8, max_wait_ms=50)
         b.start()
         slow = b.submit(rows([0, 1], [3, 3]), THRESHOLDS, False)
         fast = b.submit(rows([2], [1]), THRESHOLDS, False)
@@ -113,7 +117,7 @@ def test_a_request_is_answered_while_the_rest_of_its_batch_still_runs():
 def test_off_rows_run_the_full_graph_once_and_auto_rows_use_stages():
     async def go():
         runtime = ScriptedRuntime()
-        b = Batcher(runtime, Metrics(), max_batch_size=16, max_wait_ms=0)
+        b = Batcher(runtime, model_metrics(), max_batch_size=16, max_wait_ms=0)
         b.start()
         off = b.submit(rows([0, 1, 2], [1, 1, 1]), None, True)
         auto = b.submit(rows([3], [1]), THRESHOLDS, False)
@@ -130,7 +134,7 @@ def test_off_rows_run_the_full_graph_once_and_auto_rows_use_stages():
 
 def test_a_lone_request_does_not_wait_out_the_batch_window():
     async def go():
-        b = Batcher(ScriptedRuntime(), Metrics(), max_batch_size=64, max_wait_ms=60_000)
+        b = Batcher(ScriptedRuntime(), model_metrics(), max_batch_size=64, max_wait_ms=60_000)
         b.start()
         job = b.submit(rows([5], [1]), THRESHOLDS, False)
         # a minute-long window would time this out; the lone row must go at once
@@ -145,7 +149,7 @@ def test_queue_bound_refuses_and_shutdown_answers_everything_accepted():
     async def go():
         gate = threading.Event()
         runtime = ScriptedRuntime({1: gate})
-        b = Batcher(runtime, Metrics(), max_batch_size=2, max_wait_ms=0, queue_bound=6)
+        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=0, queue_bound=6)
         b.start()
         jobs = [b.submit(rows([i, i + 1], [1, 2]), THRESHOLDS, False) for i in range(3)]
         await asyncio.sleep(0.05)  # the first batch is taken and blocks in block 1
@@ -167,9 +171,9 @@ def test_queue_bound_refuses_and_shutdown_answers_everything_accepted():
 
 def test_invalid_batcher_settings_name_a_valid_value():
     with pytest.raises(ValueError, match="e.g. 64"):
-        Batcher(ScriptedRuntime(), Metrics(), max_batch_size=0)
+        Batcher(ScriptedRuntime(), model_metrics(), max_batch_size=0)
     with pytest.raises(ValueError, match="e.g. 2.0"):
-        Batcher(ScriptedRuntime(), Metrics(), max_wait_ms=-1)
+        Batcher(ScriptedRuntime(), model_metrics(), max_wait_ms=-1)
 
 
 # --- stage-level scheduling, deadlines and the load controller (issue 14) -------------------
@@ -199,7 +203,7 @@ def test_many_requests_lose_no_row_and_keep_their_order(scheduling):
 
     async def go():
         runtime = ScriptedRuntime()
-        b = Batcher(runtime, Metrics(), max_batch_size=8, max_wait_ms=1, scheduling=scheduling)
+        b = Batcher(runtime, model_metrics(), max_batch_size=8, max_wait_ms=1, scheduling=scheduling)
         b.start()
         jobs, want = [], []
         for i in range(60):
@@ -230,7 +234,7 @@ def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
     def sizes(scheduling):
         async def go():
             runtime = ScriptedRuntime()
-            b = Batcher(runtime, Metrics(), max_batch_size=4, max_wait_ms=1000,
+            b = Batcher(runtime, model_metrics(), max_batch_size=4, max_wait_ms=1000,
                         scheduling=scheduling)
             b.start()
             jobs = [b.submit(rows([4 * i + j for j in range(4)], [1, 3, 1, 3]), THRESHOLDS, False)
@@ -252,7 +256,7 @@ def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
 def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     async def go():
         runtime = HoldingRuntime(held={99})
-        b = Batcher(runtime, Metrics(), max_batch_size=2, max_wait_ms=1000)
+        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000)
         b.start()
         late = b.submit(rows([1], [3]), THRESHOLDS, True, deadline=time.monotonic() + 0.2)
         quick = b.submit(rows([2], [1]), THRESHOLDS, False)

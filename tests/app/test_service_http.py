@@ -7,13 +7,14 @@ import base64
 import importlib.metadata
 import io
 import json
-import re
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+
+from tests.app.conftest import metric
 
 pytestmark = pytest.mark.slow
 
@@ -245,11 +246,6 @@ def test_models_route_describes_the_model(client, ref):
     assert info["test_accuracy_per_block"] == m["test_accuracy_per_block"]
     assert info["max_batch_size"] == 32
     assert "/predict" in client.get("/openapi.json").json()["paths"]
-
-
-def metric(text: str, name: str) -> float:
-    pattern = re.compile(rf"^{re.escape(name)} (\S+)$", re.M)
-    return float(pattern.search(text).group(1))
 
 
 def test_200_concurrent_requests_are_answered_correctly_in_batches(server, api_key, ref,

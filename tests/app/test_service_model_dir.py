@@ -91,18 +91,18 @@ def test_a_graph_linked_from_outside_the_model_dir_is_refused(model_copy, tmp_pa
 def test_a_warm_up_failure_is_one_line_and_stops_the_server(digits_model_dir, caplog):
     """Row 5: a failing warm-up used to leave /healthz 200 and /readyz 'warming up' forever."""
     app = create_app(Settings(MODEL_DIR=digits_model_dir, MAX_BATCH_SIZE=2))
-    service = app.state.service
+    repository = app.state.repository
     stopped = []
-    service.on_failure = lambda: stopped.append(True)
+    repository.on_failure = lambda: stopped.append(True)
 
     def broken_warm_up() -> float:
         raise ModelDirError("stage_2.onnx: a graph fails on a batch of 1 zero images: boom")
 
-    service.runtime.warm_up = broken_warm_up
+    repository.find(None).runtime.warm_up = broken_warm_up
 
     async def go():
         async with app.router.lifespan_context(app):
-            while service.failure is None:
+            while repository.failure is None:
                 await asyncio.sleep(0.01)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:

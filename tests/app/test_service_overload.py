@@ -4,19 +4,14 @@ fields and metrics that show them, and a SIGTERM drain with stage-level scheduli
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import httpx
 import pytest
 
-from tests.app.conftest import ServerProcess, assert_drained, sigterm_under_load
+from tests.app.conftest import ServerProcess, assert_drained, metric, sigterm_under_load
 
 pytestmark = pytest.mark.slow
-
-
-def metric(text: str, name: str) -> float:
-    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
 async def flood(url: str, bodies: list[dict], path: str = "/predict") -> list[httpx.Response]:
@@ -62,7 +57,7 @@ def test_auto_moves_to_cheaper_points_under_load_but_off_and_thresholds_never_do
             elif p["exit_block"] < blocks:
                 assert p["confidence"] >= 0.9
     text = httpx.get(overloaded.url + "/metrics").text
-    assert 'hff_stage_queue_depth{stage="1"}' in text
+    assert metric(text, 'hff_stage_queue_depth{stage="1"}') >= 0
     assert "hff_operating_point_expected_accuracy" in text
     # once the burst is over the point climbs back to the calibrated one
     deadline = time.monotonic() + 20

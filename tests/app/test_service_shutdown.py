@@ -20,18 +20,18 @@ pytestmark = pytest.mark.slow
 
 def test_sigterm_marks_not_ready_and_refuses_new_work(digits_model_dir, digits_test_split):
     app = create_app(Settings(MODEL_DIR=digits_model_dir, MAX_BATCH_SIZE=4))
-    service = app.state.service
+    repository = app.state.repository
     body = {"instances": [digits_test_split[0][0].tolist()]}
 
     async def go():
         async with app.router.lifespan_context(app):
-            while not service.ready:
+            while not repository.ready:
                 await asyncio.sleep(0.01)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 assert (await c.get("/readyz")).status_code == 200
                 assert (await c.post("/predict", json=body)).status_code == 200
-                server = DrainingServer(uvicorn.Config(app), service)
+                server = DrainingServer(uvicorn.Config(app), repository)
                 server.handle_exit(signal.SIGTERM, None)
                 ready = await c.get("/readyz")
                 refused = await c.post("/predict", json=body)
