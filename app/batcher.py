@@ -162,8 +162,13 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hff-infer")
         self.accepted_requests = 0
         self.answered_requests = 0
+        # queue gauges read when /metrics is scraped: set on every change they cost a lock (and
+        # a labels() lookup) per request
+        metrics.in_flight.set_function(lambda: self._in_flight)
+        metrics.queue_depth.set_function(lambda: self.queued_rows)
         for stage in range(self.num_blocks):
-            self._publish_depth(stage)
+            metrics.stage_queue_depth.labels(stage=str(stage + 1)).set_function(
+                lambda stage=stage: self._queued[stage])
         self._publish_point()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -208,7 +213,6 @@ class Batcher:
         self._push(0, Segment([job] * n, np.arange(n), x, None, job.enqueued))
         self._in_flight += n
         self.accepted_requests += 1
-        self.metrics.in_flight.set(self._in_flight)
         self._arrived.set()
         return job
 
@@ -221,11 +225,6 @@ class Batcher:
     def _push(self, stage: int, segment: Segment) -> None:
         self._queues[stage].append(segment)
         self._queued[stage] += segment.size
-        self._publish_depth(stage)
-
-    def _publish_depth(self, stage: int) -> None:
-        self.metrics.stage_queue_depth.labels(stage=str(stage + 1)).set(self._queued[stage])
-        self.metrics.queue_depth.set(self.queued_rows)
 
     def _host(self, features: Any, rows: int) -> np.ndarray:
         return features if isinstance(features, np.ndarray) else self.runtime.to_host(features, rows)
@@ -252,7 +251,6 @@ class Batcher:
             piece = self._screen(stage, piece, now)
             if piece is not None:
                 taken.append(piece)
-        self._publish_depth(stage)
         return taken
 
     def _screen(self, stage: int, seg: Segment, now: float) -> Segment | None:
@@ -482,7 +480,6 @@ class Batcher:
     def _release(self, job: Job, rows: int) -> None:
         job.remaining -= rows
         self._in_flight -= rows
-        self.metrics.in_flight.set(self._in_flight)
         if job.remaining == 0:
             self.answered_requests += 1
             if not job.future.done():

@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,15 @@ from app.metrics import Metrics
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+CONNECTION = "hff.connection"  # the scope["extensions"] entry app.protocol adds
+_NONE: dict[str, Any] = {}
+
+
+class WatchedConnection(Protocol):
+    """What app.protocol's connection offers the guard (scope["extensions"][CONNECTION])."""
+
+    request_complete: bool  # the current request's body has all arrived
+    on_lost: Callable[[], None] | None  # called once if the connection closes
 
 
 class BodyTimeout(ClientError):
@@ -64,7 +74,13 @@ class RequestGuard:
             return
         start = time.perf_counter()
         ex = _Exchange()
+        task = asyncio.current_task()
+        # app.protocol's connection, when the server is hff-serve's uvicorn: it says whether the
+        # body is all in memory (no deadline to keep) and calls back when the client leaves (no
+        # watcher task); on any other server the guard waits on `receive` for both
+        conn: WatchedConnection | None = scope.get("extensions", _NONE).get(CONNECTION)
         deadline: float | None = None
+        watcher: asyncio.Task | None = None
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -73,33 +89,40 @@ class RequestGuard:
                 ex.complete = True
             await send(message)
 
-        task = asyncio.current_task()
-        watcher: asyncio.Task | None = None
+        def client_left() -> None:
+            if not ex.complete:
+                ex.disconnected = True
+                if task is not None:
+                    task.cancel()  # stop the handler: nobody will read its answer
 
         async def watch_disconnect() -> None:
             """After the body: the next message is http.disconnect, when the client leaves or
             once the response is complete."""
-            if (await receive())["type"] == "http.disconnect" and not ex.complete:
-                ex.disconnected = True
-                if task is not None:
-                    task.cancel()  # stop the handler: nobody will read its answer
+            if (await receive())["type"] == "http.disconnect":
+                client_left()
 
         async def receiving() -> Message:
             nonlocal deadline, watcher
             if ex.body_done or ex.disconnected:
                 return {"type": "http.disconnect"} if ex.disconnected else await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.body_timeout
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(self.body_timeout) from None
+            if conn is not None and conn.request_complete:
+                message = await receive()  # the body is in memory: nothing to wait for
+            else:
+                loop = asyncio.get_running_loop()
+                deadline = deadline or loop.time() + self.body_timeout
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.disconnect":
                 ex.disconnected = not ex.complete  # Starlette raises ClientDisconnect: a 499
             elif not message.get("more_body", False):
                 ex.body_done = True
-                watcher = asyncio.create_task(watch_disconnect())
+                if conn is not None:
+                    conn.on_lost = client_left
+                else:
+                    watcher = asyncio.create_task(watch_disconnect())
             return message
 
         try:
@@ -112,6 +135,8 @@ class RequestGuard:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if conn is not None and conn.on_lost is client_left:
+                conn.on_lost = None
         if ex.disconnected:
             ex.status = CLIENT_CLOSED
             log.info("client went away: %s %s after %.2fs, %s (499)", scope["method"],

@@ -8,13 +8,19 @@ must arrive within `header_timeout` seconds of the connection opening or of its 
 `client_header_timeout` and `large_client_header_buffers` do. Body and request timeouts are the
 ASGI layer's (app.guard), so any server running the app keeps them. It is app.http's
 protocol underneath, so each response still goes out in one socket write.
+
+It also tells app.guard, through scope["extensions"]["hff.connection"], whether a request's body
+has all arrived and when its connection closes, so the guard needs no deadline timer for a body
+already in memory and no task per request to notice a client that leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
+from app.guard import CONNECTION
 from app.http import CoalescingHttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,9 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        # what app.guard reads through scope["extensions"][CONNECTION] (its WatchedConnection)
+        self.request_complete = False
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -41,6 +50,9 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()  # app.guard: the client left while its request was being answered
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -52,6 +64,8 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {CONNECTION: self}
+        self.request_complete = False
         self._awaiting_headers = True
         self._header_bytes = 0
         if self._header_timer is None:
@@ -61,6 +75,10 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._awaiting_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.request_complete = True
+        super().on_message_complete()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)

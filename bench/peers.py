@@ -48,7 +48,10 @@ from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
 )
 
 # hff-serve configurations by name: HFF_* settings on top of the defaults.
-HFF_CONFIGS: dict[str, dict[str, str]] = {"hff": {}, "hff-granian": {"server": "granian"}}
+HFF_CONFIGS: dict[str, dict[str, str]] = {
+    "hff": {}, "hff-granian": {"server": "granian"},
+    # the batcher's share: no batch window, and early exit off (the whole graph, as the peers run)
+    "hff-nowait": {"max_batch_wait_ms": "0"}, "hff-exit-off": {"early_exit": "off"}}
 
 
 class Peer:

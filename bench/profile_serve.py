@@ -38,6 +38,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("batcher (app/batcher.py)", ("app/batcher.py",)),
     ("service: predictions, early-exit mode (app/service.py)", ("app/service.py",)),
     ("socket writes (app/http.py, one per response)", ("app/http.py",)),
+    ("protections (app/guard.py, app/protocol.py, app/admission.py)",
+     ("app/guard.py", "app/protocol.py", "app/admission.py")),
     ("hot path and routes (app/middleware.py, app/routes, app/deps.py)",
      ("app/middleware.py", "app/routes/", "app/deps.py")),
     ("uvicorn HTTP protocol (httptools callbacks)", ("uvicorn/",)),
@@ -85,6 +87,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--svg", type=Path, default=None, help="also write the flame graph here")
     p.add_argument("--top", type=int, default=0, help="also list the N functions with most self samples")
+    p.add_argument("--raw", type=Path, default=None, help="also keep py-spy's raw stacks here")
     args = p.parse_args()
     from training.data import load_dataset
 
@@ -116,6 +119,8 @@ def main() -> int:
                 subprocess.run([*record[:-4], "--format", "flamegraph", "--output", str(args.svg)],
                                check=True, capture_output=True)
             rps = load.communicate()[0].strip()
+            if args.raw is not None:
+                args.raw.write_text(raw.read_text())
             shares = breakdown(raw)
             top = top_functions(raw, args.top)
     finally:
