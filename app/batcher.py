@@ -6,13 +6,20 @@ confidence reaches their threshold are answered at once and the others join the 
 queue with the features the stage produced. One worker thread runs one stage at a time; between
 calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
 
-  - `stage` (default): the fullest queue (rows up to max_batch_size), the deeper stage on a
-    tie; but a stage whose oldest row has waited there longer than the batch window plus one
-    pass of the network (the recent time of a stage call x the number of blocks) goes first,
-    the deepest such. Fullest-first is what raises throughput: under load the rows that leave
-    early make room in stage 1 for new arrivals at once, and the survivors of several stage-1
-    batches fill one batch of stage 2 instead of each running as a small remnant; the age
-    bound keeps survivors from starving behind a stage 1 that is always full.
+  - `stage` (default): the deepest stage holding a full batch (max_batch_size rows), else
+    the deepest non-empty stage; but a deeper stage whose oldest row has waited there longer
+    than the batch window plus one pass of the network (the recent time of a stage call x the
+    number of blocks) goes before a full batch, the deepest such. (An age rule that applied
+    to every stage, stage 1 included, let new rows in stage 1 overtake the survivors at every
+    block, with the same result as fullest-first below.) Full batches first is what raises throughput at
+    saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
+    the survivors of several stage-1 batches fill one batch of stage 2 instead of each running
+    as a small remnant; the age bound keeps survivors from starving behind a stage 1 that is
+    always full. Without a full batch anywhere the survivors go first, as run-to-the-end: a
+    fullest-first rule there (tried) made survivors wait at every stage for a queue to become
+    the fullest, which under open-loop load added the patience once per block (p50 14 ms
+    against 5 ms at half capacity) and, past capacity, let the latency and the 429s feed each
+    other until goodput collapsed.
   - `batch` (run-to-the-end, the classic batcher): always the deepest non-empty stage, so a
     batch's survivors run to the last block before stage 1 takes new rows.
 
@@ -104,6 +111,14 @@ class Segment:
         return len(self.rows)
 
 
+def on_thread_clock(fn, *args) -> tuple[Any, float]:
+    """fn(*args) and the CPU seconds the calling thread spent in it: the inference thread's own
+    work, without the time it waited for the core while the event loop held it."""
+    started = time.thread_time()
+    out = fn(*args)
+    return out, time.thread_time() - started
+
+
 def job_runs(jobs: list[Job]) -> list[tuple[Job, int, int]]:
     """(job, start, stop) of each run of consecutive rows of one request."""
     runs, start = [], 0
@@ -140,7 +155,6 @@ class Batcher:
         self._queued = [0] * self.num_blocks  # rows per stage queue
         self._in_flight = 0  # accepted rows not answered yet
         self._stage_seconds = 0.0  # recent duration of one stage call (smoothed)
-        self._busy = 0.0  # inference seconds not yet reported to the controller
         self._arrived = asyncio.Event()
         self._closing = False
         self._last_rows = 0
@@ -276,11 +290,13 @@ class Batcher:
             return None
         if self.scheduling == "batch" or len(busy) == 1:
             return busy[-1]
+        full = [k for k in busy if self._queued[k] >= self.max_batch_size]
+        if not full:
+            return busy[-1]
         patience = self.max_wait + self._stage_seconds * self.num_blocks
-        overdue = [k for k in busy if now - self._queues[k][0].entered > patience]
-        if overdue:
-            return overdue[-1]
-        return max(busy, key=lambda k: (min(self._queued[k], self.max_batch_size), k))
+        overdue = [k for k in busy if k > full[-1]
+                   and now - self._queues[k][0].entered > patience]
+        return overdue[-1] if overdue else full[-1]
 
     def _oldest_age(self, now: float) -> float:
         """How long the oldest queued row's request has been waiting, admission included."""
@@ -375,10 +391,10 @@ class Batcher:
             if off:
                 batch = [s for s in batch if s not in off]
                 started = time.monotonic()
-                per_block = await loop.run_in_executor(
-                    self._executor, self.runtime.run_full,
+                per_block, cpu = await loop.run_in_executor(
+                    self._executor, on_thread_clock, self.runtime.run_full,
                     np.concatenate([s.features for s in off]))
-                self._busy += time.monotonic() - started
+                self._ran(time.monotonic() - started, cpu)
                 self._answer_full(off, per_block)
             if not batch:
                 return
@@ -386,12 +402,16 @@ class Batcher:
         features = batch[0].features if len(batch) == 1 else np.concatenate(
             [self._host(s.features, s.size) for s in batch])
         started = time.monotonic()
-        out = await loop.run_in_executor(self._executor, self.runtime.run_stage, stage, features,
-                                         rows)
+        out, cpu = await loop.run_in_executor(self._executor, on_thread_clock,
+                                              self.runtime.run_stage, stage, features, rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
-        self._busy += seconds
+        self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
+
+    def _ran(self, seconds: float, cpu_seconds: float) -> None:
+        if self.controller is not None:
+            self.controller.ran(seconds, cpu_seconds)
 
     def _answer_full(self, segments: list[Segment], per_block: list[np.ndarray]) -> None:
         stacked = np.stack(per_block, axis=1)  # (rows, L, num_classes)
@@ -454,8 +474,7 @@ class Batcher:
         job.exit_block[idx] = block
         job.operating_point[idx] = point
         if self.controller is not None:
-            self.controller.answered(len(idx), self._busy)
-            self._busy = 0.0
+            self.controller.answered(len(idx))
         self._release(job, len(idx))
 
     def _release(self, job: Job, rows: int) -> None:

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
     # Under load 'auto' moves to cheaper operating points to keep queueing under this; unset: off
     LATENCY_TARGET_MS: float | None = Field(None, gt=0.0, le=600_000.0)
-    # The load controller never uses a point expected (on val) below this; unset: calibrated - 0.02
+    # The load controller never uses a point whose accuracy lower bound (on val) is below this;
+    # unset: the calibrated expected accuracy - 0.02
     MIN_ACCURACY: float | None = Field(None, ge=0.0, le=1.0)
     SCHEDULING: Literal["stage", "batch"] = "stage"  # stage-level queues, or run-to-the-end
     API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer

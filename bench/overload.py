@@ -7,7 +7,11 @@ Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
     python bench/overload.py plot --results docs/overload.json --out docs/overload.png
 
 Three server configurations, the same in everything else (one onnxruntime thread, max batch 64,
-the admission queue sized to the latency target so that no configuration queues for seconds):
+the admission queue sized to the latency target so that no configuration queues for seconds:
+capacity x half the target in rows, a request waits at most a quarter of the target for room,
+and HFF_MAX_INSTANCES 1, since every request carries one image: admission reserves a body's
+rows before reading it from its length and that bound, and a 12 KB binary image counted as up
+to 192 rows would hold the whole queue, admitting one request at a time):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
@@ -51,7 +55,7 @@ CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive
 
 def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
     s = {"threads": 1, "max_batch_size": 64, "max_batch_wait_ms": 2, "queue_bound": queue_rows,
-         "queue_wait_s": target_ms / 2000, "max_connections": 4096,
+         "queue_wait_s": target_ms / 4000, "max_connections": 4096, "max_instances": 1,
          "scheduling": "batch" if config.startswith("run-to-the-end") else "stage"}
     if config.endswith("adaptive"):
         s["latency_target_ms"] = target_ms
@@ -208,7 +212,7 @@ def saturate(args: argparse.Namespace) -> int:
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
     # the admission queue holds what the server can answer within half the target
-    queue_rows = max(64, int(args.capacity * args.target_ms / 2000))
+    queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
     rows = []
     configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
     for config in configs:

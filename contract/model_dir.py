@@ -118,6 +118,9 @@ class OperatingPoint(BaseModel):
     thresholds: list[float | None]  # length L-1; None = never exit at that block
     epsilon: float | None = None  # the accuracy loss the calibration allowed for this point
     expected_accuracy: float | None = None  # on val (None: a manifest that did not measure it)
+    # on val, at the export's confidence: the calibrated point's accuracy minus an upper bound on
+    # what this point loses against it on the same rows (the load controller's floor checks it)
+    accuracy_lower_bound: float | None = None
     compute_fraction: float | None = None  # on val: MACs run / MACs of the whole network
     test_accuracy: float | None = None
     test_compute_fraction: float | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -234,10 +235,15 @@ def check_operating_points(m: dict) -> None:
     assert points[0]["test_compute_fraction"] == ee["test_compute_fraction"]
     computes = [p["compute_fraction"] for p in points]
     assert computes == sorted(computes, reverse=True) and len(set(computes)) == len(computes)
+    for dear, cheap in itertools.pairwise(computes):  # each step saves a tenth of the MACs
+        assert cheap <= dear * (1 - export.OPERATING_POINT_MIN_SAVING) + 1e-9
     assert [p["epsilon"] for p in points] == sorted(p["epsilon"] for p in points)
+    assert points[0]["accuracy_lower_bound"] == points[0]["expected_accuracy"]
     for p in points:
         assert len(p["thresholds"]) == m["num_blocks"] - 1
         assert 0.0 < p["compute_fraction"] <= 1.0 and 0.0 <= p["test_accuracy"] <= 1.0
+        # a bound on the loss against the calibrated point is at least the loss seen
+        assert p["accuracy_lower_bound"] <= p["expected_accuracy"] + 1e-12
 
 
 def check_thresholds_reproduce_val_accuracy(model_dir: Path) -> None:
@@ -427,3 +433,19 @@ def test_help_shows_only_the_defaults_that_say_something(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: --out's name)" in text
     assert "(default: 0.95)" in text
+
+
+def test_loss_bound_against_the_calibrated_point_widens_with_thin_evidence():
+    """Same rows right under both points: no loss. Three rows lost and one won (2 points net):
+    the bound is above 2 points, and further above for 100 rows than for 1,000 with the same
+    shares."""
+    ref = np.ones(100, dtype=bool)
+    ref[99] = False
+    assert export.loss_bound(ref, ref.copy(), 0.95) == 0.0
+    point = ref.copy()
+    point[:3], point[99] = False, True
+    assert export.loss_bound(ref, point, 0.0) == pytest.approx(0.02)  # no confidence: as seen
+    thin = export.loss_bound(ref, point, 0.95)
+    many = np.tile(ref, 10)
+    lost = np.tile(point, 10)
+    assert 0.02 < export.loss_bound(many, lost, 0.95) < thin
