@@ -61,11 +61,11 @@ class Admission:
         metrics.admitted_bytes.set_function(lambda: self.nbytes)
         metrics.waiting_requests.set_function(lambda: len(self._waiting))
 
-    def estimate_rows(self, content_length: int | None) -> int:
+    def estimate_rows(self, content_length: int | None, min_row_bytes: int = MIN_ROW_BYTES) -> int:
         """The most instances a body of this size can hold (max_instances when unknown)."""
         if content_length is None:
             return self.max_instances
-        return max(1, min(self.max_instances, math.ceil(content_length / MIN_ROW_BYTES)))
+        return max(1, min(self.max_instances, math.ceil(content_length / min_row_bytes)))
 
     def _fits(self, ticket: Ticket) -> bool:
         if self.rows == 0 and self.nbytes == 0:
@@ -78,9 +78,10 @@ class Admission:
         self.rows += ticket.rows
         self.nbytes += ticket.nbytes
 
-    async def acquire(self, content_length: int | None, body_limit: int, deadline: float) -> Ticket:
+    async def acquire(self, content_length: int | None, body_limit: int, deadline: float,
+                      min_row_bytes: int = MIN_ROW_BYTES) -> Ticket:
         """Reserve room for a request, waiting in line for it; 429 when none comes in time."""
-        ticket = Ticket(self.estimate_rows(content_length),
+        ticket = Ticket(self.estimate_rows(content_length, min_row_bytes),
                         body_limit if content_length is None else content_length, deadline)
         if not self._waiting and self._fits(ticket):
             self._take(ticket)

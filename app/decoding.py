@@ -74,6 +74,11 @@ class InputSpec:
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
         self.resampling = Image.Resampling[resize.upper()]
 
+    @property
+    def binary_row_bytes(self) -> int:
+        """Bytes one instance takes as a binary FP32 tensor (the only binary datatype accepted)."""
+        return 4 * math.prod(self.shape)
+
     def accepted_shapes(self) -> str:
         c, h, w = self.shape
         return f"[{c}, {h}, {w}]" + (f" or [{h}, {w}]" if c == 1 else "")
@@ -214,6 +219,10 @@ def decode_tensor(data: Any, shape: list[int], where: str, spec: InputSpec,
                                f"{math.prod(shape)}")
     arr = arr.astype(np.float32).reshape(shape)  # flat or nested -> (N, C, H, W)
     return check_values(arr, f"{where}.data", spec)
+
+
+# The binary tensor data extension: a JSON header of this many bytes, then the raw tensors.
+BINARY_HEADER = "inference-header-content-length"
 
 
 def decode_binary_tensor(data: bytes, shape: list[int], where: str, spec: InputSpec,

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.decoding import (
+    BINARY_HEADER,
     decode_binary_tensor,
     decode_tensor,
     max_values,
@@ -157,10 +158,6 @@ def _response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
              "data": job.operating_point.tolist()},
         ],
     }
-
-
-# The binary tensor data extension: a JSON header of this many bytes, then the raw tensors.
-BINARY_HEADER = "inference-header-content-length"
 
 
 def _split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
