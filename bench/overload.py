@@ -15,6 +15,7 @@ to 192 rows would hold the whole queue, admitting one request at a time):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
+  run-to-the-end, adaptive  HFF_SCHEDULING=batch with the same controller (sweep --configs only)
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
 schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
 Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
@@ -50,7 +51,8 @@ from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_l
     test_images,
 )
 
-CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive")
+CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive",
+           "run-to-the-end, adaptive")
 
 
 def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
@@ -214,7 +216,7 @@ def sweep(args: argparse.Namespace) -> int:
     # the admission queue holds what the server can answer within half the target
     queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
     rows = []
-    configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
+    configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS[:3])
     for config in configs:
         server = start(args.model, config, args.target_ms, queue_rows)
         try:
@@ -267,7 +269,7 @@ def plot(args: argparse.Namespace) -> int:
     for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
         print_row(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for config, style in zip(CONFIGS, ("o-", "s--", "^-"), strict=True):
+    for config, style in zip(CONFIGS, ("o-", "s--", "^-", "v:"), strict=True):
         mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["load"])
         if not mine:
             continue
