@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,33 @@ def up_until_ready(engine: Engine, compose: list[str], env: dict[str, str], base
     pytest.fail(f"the API was not ready {READY_TIMEOUT_S} s after compose up:\n{logs()}")
 
 
+def compose_project(engine: Engine, env: dict[str, str]) -> tuple[list[str], Callable[..., str]]:
+    """This test's compose command and a reader of its logs, after removing what a killed run
+    left behind."""
+    compose = [*engine.compose, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
+
+    def logs(tail: int = 6000) -> str:
+        proc = run([*compose, "logs"], 120, env=env, check=False)
+        return (proc.stdout + proc.stderr)[-tail:]
+
+    remove_project(engine, compose, env)
+    return compose, logs
+
+
+def remove_project(engine: Engine, compose: list[str], env: dict[str, str]) -> None:
+    """`down --volumes`, then whatever it left: podman-compose's `down` keeps the replicas
+    `--scale` added (api_2, api_3), and the volumes they still hold."""
+    run([*compose, "down", "--volumes"], 300, env=env, check=False)
+    label = f"label=com.docker.compose.project={PROJECT}"
+    left = run([engine.name, "ps", "-aq", "--filter", label], 60, check=False).stdout.split()
+    if left:
+        run([engine.name, "rm", "-f", *left], 120, check=False)
+    volumes = run([engine.name, "volume", "ls", "-q"], 60, check=False).stdout.split()
+    mine = [v for v in volumes if v.startswith(f"{PROJECT}_")]
+    if mine:
+        run([engine.name, "volume", "rm", *mine], 120, check=False)
+
+
 def check_predictions(base_url: str, per_class: int) -> float:
     pngs, labels = digit_pngs(per_class)
     body = {"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs], "top_k": 3}
@@ -192,16 +220,10 @@ def test_compose_up_serves_real_digits(engine: Engine, build_s: float):
 
     port = free_port()
     env = project_env(HFF_API_PORT=port, HFF_PROXY_STATS_PORT=free_port())
-    compose = [*engine.compose, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
+    compose, logs = compose_project(engine, env)
     base_url = f"http://127.0.0.1:{port}"
     load: list[float] = []
     report["load_avg_1m_at_up"] = load
-
-    def logs(tail: int = 6000) -> str:
-        proc = run([*compose, "logs"], 120, env=env, check=False)
-        return (proc.stdout + proc.stderr)[-tail:]
-
-    run([*compose, "down", "--volumes"], 300, env=env, check=False)  # leftovers of a killed run
     first_logs = ""
     try:
         # First start: the train job trains and exports into the fresh volume, then the API starts.
@@ -224,6 +246,7 @@ def test_compose_up_serves_real_digits(engine: Engine, build_s: float):
         run([*compose, "down", "--volumes"], 300, env=env, check=False)
         left = run([engine.name, "volume", "ls", "--format", "{{.Name}}"], 60, check=False).stdout
         report["volumes_left"] = [v for v in left.split() if v.startswith(PROJECT)]
+        remove_project(engine, compose, env)  # what a failed assertion below would leave
         (out / "container-smoke.json").write_text(json.dumps(report, indent=2) + "\n")
         print("\ncontainer smoke:", json.dumps(report, indent=2))
     assert report["volumes_left"] == [], report["volumes_left"]
@@ -341,16 +364,10 @@ def test_replicas_behind_the_proxy_switch_versions_without_a_failed_request(engi
     report: dict[str, object] = {"engine": engine.name, "replicas": REPLICAS}
     port, stats_port = free_port(), free_port()
     env = project_env(HFF_API_PORT=port, HFF_PROXY_STATS_PORT=stats_port) | {"HFF_POLL_S": "2"}
-    compose = [*engine.compose, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
+    compose, logs = compose_project(engine, env)
     base_url, stats_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}"
     load: list[float] = []
     report["load_avg_1m_at_up"] = load
-
-    def logs(tail: int = 6000) -> str:
-        proc = run([*compose, "logs"], 120, env=env, check=False)
-        return (proc.stdout + proc.stderr)[-tail:]
-
-    run([*compose, "down", "--volumes"], 300, env=env, check=False)  # leftovers of a killed run
     try:
         report["up_to_ready_s"] = round(up_until_ready(
             engine, compose, env, base_url, logs, load, "--scale", f"api={REPLICAS}"), 1)
@@ -409,6 +426,6 @@ def test_replicas_behind_the_proxy_switch_versions_without_a_failed_request(engi
         out = ROOT / "test-artifacts"
         out.mkdir(exist_ok=True)
         (out / "container-smoke-replicas-logs.txt").write_text(logs(tail=400_000))
-        run([*compose, "down", "--volumes"], 300, env=env, check=False)
+        remove_project(engine, compose, env)
         (out / "container-smoke-replicas.json").write_text(json.dumps(report, indent=2) + "\n")
         print("\ncontainer smoke, replicas:", json.dumps(report, indent=2))
