@@ -39,6 +39,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,12 +69,15 @@ class DeadlineExpired(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's rows and, as they arrive, their results."""
+    """One request's rows and, as they arrive, their results. When every row has exited (or the
+    job failed) it resolves `future`, or, on app.hotpath's route, calls `notify(job)`: a plain
+    callback costs no Future and no task wake-up per request."""
 
     x: np.ndarray  # (n, C, H, W) float32
     thresholds: np.ndarray | None  # (L-1,) per-block exit thresholds (inf = never); None = off
     return_blocks: bool
-    future: asyncio.Future
+    future: asyncio.Future | None = None
+    notify: Callable[[Job], None] | None = None
     adaptive: bool = False  # 'auto': the load controller's current point decides the thresholds
     deadline: float | None = None  # time.monotonic() by which rows must start their next block
     enqueued: float = field(default_factory=time.monotonic)
@@ -85,6 +89,9 @@ class Job:
     blocks: list[list[dict[str, Any]]] | None = None  # per row, every block that ran
     remaining: int = 0
     abandoned: bool = False  # the caller gave up (timeout): skip rows not started yet
+    error: BaseException | None = None  # why the job failed
+    done: bool = False  # answered, failed or given up: nothing more happens to it
+    timer: asyncio.TimerHandle | None = None  # app.service's request deadline
 
     def __post_init__(self) -> None:
         n = self.x.shape[0]
@@ -94,6 +101,25 @@ class Job:
         self.deadline_missed = np.zeros(n, dtype=bool)
         if self.return_blocks:
             self.blocks = [[] for _ in range(n)]
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Resolve the job once: its rows are all answered, or it failed with `error`."""
+        if self.done or (self.future is not None and self.future.done()):
+            return
+        self.done = True
+        self.error = error
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(self)
+            else:
+                self.future.set_exception(error)
+        elif self.notify is not None:
+            self.notify(self)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to do for it: resolved, or its waiter was cancelled."""
+        return self.done or (self.future is not None and self.future.done())
 
 
 @dataclass(eq=False)
@@ -198,8 +224,9 @@ class Batcher:
 
     def submit(self, x: np.ndarray, thresholds: np.ndarray | None, return_blocks: bool,
                adaptive: bool = False, deadline: float | None = None,
-               arrived: float | None = None) -> Job:
-        """Queue a request's rows; its future resolves when every row has exited."""
+               arrived: float | None = None, notify: Callable[[Job], None] | None = None) -> Job:
+        """Queue a request's rows; when every row has exited the job calls `notify`, or, without
+        one, resolves its future."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         n = x.shape[0]
@@ -208,8 +235,8 @@ class Batcher:
             raise QueueFull(f"the queue is full ({queued} of {self.queue_bound} instances "
                             "waiting)")
         job = Job(x=x, thresholds=thresholds, return_blocks=return_blocks, adaptive=adaptive,
-                  deadline=deadline, arrived=arrived,
-                  future=asyncio.get_running_loop().create_future())
+                  deadline=deadline, arrived=arrived, notify=notify,
+                  future=None if notify is not None else asyncio.get_running_loop().create_future())
         self._push(0, Segment([job] * n, np.arange(n), x, None, job.enqueued))
         self._in_flight += n
         self.accepted_requests += 1
@@ -257,7 +284,7 @@ class Batcher:
         """Drop the rows of abandoned requests; answer (or refuse) those past their deadline."""
         keep = np.ones(seg.size, dtype=bool)
         for job, lo, hi in job_runs(seg.jobs):
-            if job.abandoned or job.future.done():
+            if job.abandoned or job.settled:
                 keep[lo:hi] = False
                 self._release(job, hi - lo)
             elif job.deadline is not None and now > job.deadline:
@@ -265,7 +292,7 @@ class Batcher:
                 if seg.probs is None:  # no block reached: the request cannot be answered
                     self.metrics.deadline_misses.labels(outcome="refused").inc(hi - lo)
                     job.abandoned = True
-                    job.future.set_exception(DeadlineExpired(
+                    job.finish(DeadlineExpired(
                         "the request's deadline (deadline_ms) passed before its instances "
                         "reached the first block"))
                     self._release(job, hi - lo)
@@ -377,8 +404,7 @@ class Batcher:
                 log.exception("stage %d on %d rows failed", stage + 1, rows)
                 for seg in batch:
                     for job, lo, hi in job_runs(seg.jobs):
-                        if not job.future.done():
-                            job.future.set_exception(e)
+                        job.finish(e)
                         job.abandoned = True  # its rows in other queues are dropped
                         self._release(job, hi - lo)
 
@@ -482,5 +508,4 @@ class Batcher:
         self._in_flight -= rows
         if job.remaining == 0:
             self.answered_requests += 1
-            if not job.future.done():
-                job.future.set_result(job)
+            job.finish()

@@ -65,16 +65,22 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {CONNECTION: self}
+        self._request_begins()
+
+    def on_headers_complete(self) -> None:
+        self._headers_arrived()
+        super().on_headers_complete()
+
+    def _request_begins(self) -> None:
         self.request_complete = False
         self._awaiting_headers = True
         self._header_bytes = 0
         if self._header_timer is None:
             self._arm_header_timer()
 
-    def on_headers_complete(self) -> None:
+    def _headers_arrived(self) -> None:
         self._awaiting_headers = False
         self._cancel_header_timer()
-        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self.request_complete = True
