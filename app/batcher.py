@@ -160,7 +160,8 @@ class Batcher:
 
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, queue_bound: int = 4096,
-                 scheduling: Scheduling = "stage", controller: LoadController | None = None):
+                 scheduling: Scheduling = "stage", controller: LoadController | None = None,
+                 inline_below_ms: float = 0.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
         if max_wait_ms < 0:
@@ -176,6 +177,9 @@ class Batcher:
         self.queue_bound = queue_bound
         self.scheduling = scheduling
         self.controller = controller
+        # model calls whose recent CPU time is under this run on the event loop (0: never)
+        self.inline_below = inline_below_ms / 1000.0
+        self._call_cpu: dict[int, float] = {}  # smoothed CPU seconds of one call, by stage
         self.num_blocks = runtime.manifest.num_blocks
         self._queues: list[list[Segment]] = [[] for _ in range(self.num_blocks)]
         self._queued = [0] * self.num_blocks  # rows per stage queue
@@ -411,15 +415,13 @@ class Batcher:
     # --- running a stage -------------------------------------------------------------------
 
     async def _run(self, stage: int, batch: list[Segment]) -> None:
-        loop = asyncio.get_running_loop()
         if stage == 0:
             off = [s for s in batch if s.jobs[0].thresholds is None or not self.runtime.has_stages]
             if off:
                 batch = [s for s in batch if s not in off]
                 started = time.monotonic()
-                per_block, cpu = await loop.run_in_executor(
-                    self._executor, on_thread_clock, self.runtime.run_full,
-                    np.concatenate([s.features for s in off]))
+                per_block, cpu = await self._call(
+                    -1, self.runtime.run_full, np.concatenate([s.features for s in off]))
                 self._ran(time.monotonic() - started, cpu)
                 self._answer_full(off, per_block)
             if not batch:
@@ -428,12 +430,26 @@ class Batcher:
         features = batch[0].features if len(batch) == 1 else np.concatenate(
             [self._host(s.features, s.size) for s in batch])
         started = time.monotonic()
-        out, cpu = await loop.run_in_executor(self._executor, on_thread_clock,
-                                              self.runtime.run_stage, stage, features, rows)
+        out, cpu = await self._call(stage, self.runtime.run_stage, stage, features, rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
         self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
+
+    async def _call(self, key: int, fn, *args) -> tuple[Any, float]:
+        """fn(*args) (stage `key`, -1: the whole graph) and its CPU seconds: on the event loop
+        when its recent calls took less CPU than `inline_below`, else on the inference thread.
+        For a small model the hand-off to the thread and the GIL's way back to the loop cost
+        more than running the call where the batch already is (README, "Request path")."""
+        recent = self._call_cpu.get(key, 0.0)
+        if recent < self.inline_below:
+            out, cpu = on_thread_clock(fn, *args)
+            await asyncio.sleep(0)  # let the loop read what arrived meanwhile before the next pick
+        else:
+            out, cpu = await asyncio.get_running_loop().run_in_executor(
+                self._executor, on_thread_clock, fn, *args)
+        self._call_cpu[key] = recent + 0.2 * (cpu - recent) if key in self._call_cpu else cpu
+        return out, cpu
 
     def _ran(self, seconds: float, cpu_seconds: float) -> None:
         if self.controller is not None:

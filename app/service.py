@@ -95,7 +95,9 @@ class Service:
         batcher = Batcher(self.runtime, self.metrics, max_batch_size=self.settings.MAX_BATCH_SIZE,
                           max_wait_ms=self.settings.MAX_BATCH_WAIT_MS,
                           queue_bound=self.settings.QUEUE_BOUND,
-                          scheduling=self.settings.SCHEDULING, controller=self.controller)
+                          scheduling=self.settings.SCHEDULING, controller=self.controller,
+                          inline_below_ms=(self.settings.INLINE_CALL_MS
+                                           if self.runtime.device == "cpu" else 0.0))
         batcher.start()
         self.batcher = batcher
         self.warmed = True
