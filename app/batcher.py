@@ -286,6 +286,9 @@ class Batcher:
 
     def _screen(self, stage: int, seg: Segment, now: float) -> Segment | None:
         """Drop the rows of abandoned requests; answer (or refuse) those past their deadline."""
+        if all(not job.abandoned and not job.settled
+               and (job.deadline is None or now <= job.deadline) for job in seg.jobs):
+            return seg  # the usual case, without an array per segment
         keep = np.ones(seg.size, dtype=bool)
         for job, lo, hi in job_runs(seg.jobs):
             if job.abandoned or job.settled:
@@ -487,12 +490,18 @@ class Batcher:
                 thresholds[lo:hi] = adaptive_t if job.adaptive and adaptive_t is not None \
                     else job.thresholds[stage]
             exits = probs.max(axis=1) >= thresholds
+        leaves = exits.tolist()
         for job, lo, hi in runs:
             if job.blocks is not None:
                 for i in range(lo, hi):
                     t = thresholds[i]
                     job.blocks[rows[i]].append({"block": stage + 1, "probabilities": probs[i],
                                                 "threshold": float(t) if math.isfinite(t) else None})
+            if hi - lo == 1:  # a one-row run (most requests): slices, no index arrays
+                if leaves[lo]:
+                    self._deliver(job, rows[lo:hi], probs[lo:hi], stage + 1,
+                                  point if job.adaptive else -1)
+                continue
             leaving = np.flatnonzero(exits[lo:hi]) + lo
             if len(leaving):
                 self._deliver(job, rows[leaving], probs[leaving], stage + 1,
@@ -510,11 +519,16 @@ class Batcher:
 
     def _deliver(self, job: Job, idx: np.ndarray, probs: np.ndarray, block: int,
                  point: int) -> None:
-        if job.probs is None:
-            job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
-        job.probs[idx] = probs
-        job.exit_block[idx] = block
-        job.operating_point[idx] = point
+        if job.probs is None and len(job.exit_block) == 1:  # a one-row request
+            job.probs = np.array(probs, dtype=np.float32)
+            job.exit_block[0] = block
+            job.operating_point[0] = point
+        else:
+            if job.probs is None:
+                job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
+            job.probs[idx] = probs
+            job.exit_block[idx] = block
+            job.operating_point[idx] = point
         if self.controller is not None:
             self.controller.answered(len(idx))
         self._release(job, len(idx))

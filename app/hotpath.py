@@ -147,6 +147,7 @@ class HotPathProtocol(GuardedHttpToolsProtocol):
         self.hot = hot
         self._reading: Exchange | None = None  # a hot request whose body is being read
         self._active: Exchange | None = None  # the hot request waiting for its batch
+        self._idle_since: float | None = None  # loop.time() of the last answer, while idle
 
     # --- parsing (httptools' callbacks) --------------------------------------------------------
 
@@ -327,8 +328,26 @@ class HotPathProtocol(GuardedHttpToolsProtocol):
                 cycle, app = item
                 super()._start_asgi_task(cycle, app)
         else:
+            self._idle_since = self.loop.time()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    # uvicorn arms a keep-alive timer after every response and cancels it on every read; here
+    # one timer per connection looks at how long it has been idle when it fires
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None or self.transport.is_closing():
+            return
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
             self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                left, self.timeout_keep_alive_handler)
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:  # an ASGI request was answered
         self.server_state.total_requests += 1
@@ -400,6 +419,9 @@ class HotPathProtocol(GuardedHttpToolsProtocol):
     # --- connection events ----------------------------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         ex, self._active, self._reading = self._active, None, None
         if ex is not None and ex.job is not None and ex.service is not None:
             ex.service.abandon(ex.job)
