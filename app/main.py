@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
+from app.accept import EagerListener
 from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
 from app.hotpath import HotPathProtocol, HotRoutes
@@ -114,6 +115,18 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, repository: ModelRepository):
         super().__init__(config)
         self.repository = repository
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[override]
+        await super().startup(sockets)
+        if not self.started:
+            return
+        # every pending connection accepted each loop turn, not uvloop's one (app/accept.py)
+        config, loop = self.config, asyncio.get_running_loop()
+        protocol = partial(config.http_protocol_class, config=config,
+                           server_state=self.server_state, app_state=self.lifespan.state,
+                           _loop=loop)
+        self.servers = [listener for server in self.servers
+                        for listener in EagerListener.take_over(server, protocol)]
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
         refusal = ClientError(503, "the server is shutting down", {"Retry-After": "5"})
