@@ -23,8 +23,10 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 ACCEPT_PER_TURN = 512  # bounds one turn's work when a flood of connections arrives
-# out of descriptors or memory: the connection stays queued in the kernel; try again next turn
+# out of descriptors or memory: the connections stay queued in the kernel; try again a second
+# later, as asyncio's own server does
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_RETRY_S = 1.0
 
 
 class EagerListener:
@@ -57,13 +59,15 @@ class EagerListener:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
             except OSError as e:
-                if e.errno not in RESOURCE_ERRORS and e.errno != errno.ECONNABORTED:
-                    raise
-                if e.errno != errno.ECONNABORTED:
-                    log.warning("accepting a connection failed: %s", e)
-                    return
-                continue
+                log.warning("accepting a connection failed: %s", e)
+                if e.errno in RESOURCE_ERRORS:
+                    # the socket stays readable while connections are queued: pause, not spin
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(ACCEPT_RETRY_S, self._resume)
+                return
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvloop does
@@ -71,6 +75,10 @@ class EagerListener:
                 self.loop.connect_accepted_socket(self.protocol_factory, conn))
             self._handshakes.add(task)
             task.add_done_callback(self._started)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() != -1:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _started(self, task: asyncio.Task) -> None:
         self._handshakes.discard(task)
