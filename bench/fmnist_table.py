@@ -160,7 +160,8 @@ def ff_table(by_variant: dict[str, list[dict]]) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--preset", default="fmnist-cnn", help="headline preset (HFF and backprop)")
+    p.add_argument("--preset", default="fmnist-vgg",
+                   help="headline preset (HFF and backprop; default: the data set's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="HFF and backprop epochs (default: the data set's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")

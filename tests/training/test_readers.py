@@ -55,7 +55,7 @@ def test_fashion_mnist_class_names(tmp_path):
     write_mnist(tmp_path, n_train=50, n_test=10)
     splits = load_dataset("fashion-mnist", tmp_path)
     assert splits.class_names == FASHION_CLASSES
-    assert splits.default_preset == "fmnist-cnn"
+    assert splits.default_preset == "fmnist-vgg"
 
 
 def test_read_idx_roundtrip_and_truncation(tmp_path):
