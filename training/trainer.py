@@ -6,8 +6,10 @@ augmentation are seeded by (seed, epoch) (and the rank, under torchrun), so a re
 same path as an unbroken one, whatever the number of DataLoader workers.
 
 Conv networks train channels-last (NHWC) by default, on the CPU too: measured faster there for both
-objectives (README, Training memory). On CUDA the step also runs under bf16 autocast. The
-checkpoint is saved from CPU copies in the standard layout, so it depends on neither. Under torchrun, each rank
+objectives (README, Training memory). On CUDA, and on the CPU with `precision: bf16` (the
+Fashion-MNIST recipe's where the CPU has native bf16), the training step runs under bf16
+autocast; evaluation on the CPU stays fp32. The checkpoint is saved from CPU copies in the
+standard layout, so it depends on neither. Under torchrun, each rank
 trains on its DistributedSampler shard of every global batch, gradients are averaged across ranks
 (training/distributed.py says why by hand rather than with DDP), metrics are summed over ranks
 and only rank 0 writes.
