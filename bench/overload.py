@@ -211,28 +211,56 @@ def saturate(args: argparse.Namespace) -> int:
     return 0
 
 
+def median_row(cells: list[dict]) -> dict:
+    """One configuration at one load over its repeats: the median of each figure (refusals
+    too), with every repeat's own figures kept under "repeats"."""
+    keys = ("goodput", "throughput", "p50", "p99", "accuracy", "mean_exit_block", "429", "503")
+    row = {k: float(np.median([c[k] for c in cells])) for k in keys}
+    other: dict[str, int] = {}
+    for c in cells:
+        for k, v in c["other"].items():
+            other[k] = other.get(k, 0) + v
+    row.update(offered=cells[0]["offered"], other=other,
+               repeats=[{k: c[k] for k in (*keys, "other")} for c in cells])
+    return row
+
+
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
     # the admission queue holds what the server can answer within half the target
     queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
-    rows = []
     configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS[:3])
-    for config in configs:
-        server = start(args.model, config, args.target_ms, queue_rows)
-        try:
-            run_loop(open_loop(server.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
-                               args.target_ms / 1000, 0))  # warm-up
+    servers = {c: start(args.model, c, args.target_ms, queue_rows) for c in configs}
+    cells: dict[tuple[str, float], list[dict]] = {(c, load): [] for c in configs
+                                                  for load in args.loads}
+    try:
+        for s in servers.values():  # warm-up
+            run_loop(open_loop(s.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
+                               args.target_ms / 1000, 0))
+        # repeats interleaved (A B C A B C): a slow spell of the machine hits every configuration
+        for rep in range(args.repeats):
             for load in args.loads:
-                r = run_loop(open_loop(server.url, payloads, y, args.capacity * load,
-                                       args.seconds, args.warmup, args.target_ms / 1000,
-                                       seed=int(load * 100)))
-                r.update(config=config, load=load, capacity=args.capacity,
-                         target_ms=args.target_ms, queue_rows=queue_rows, machine=machine(),
-                         model=manifest["name"])
-                rows.append(r)
-                print_row(r, flush=True)
-        finally:
-            server.close()
+                for config, s in servers.items():
+                    r = run_loop(open_loop(s.url, payloads, y, args.capacity * load, args.seconds,
+                                           args.warmup, args.target_ms / 1000,
+                                           seed=int(load * 100) + 1000 * rep))
+                    cells[(config, load)].append(r)
+                    print(f"# repeat {rep + 1}, {load:g}x, {config}: goodput {r['goodput']:.0f}/s,"
+                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%",
+                          file=sys.stderr, flush=True)
+    finally:
+        for s in servers.values():
+            s.close()
+    rows = []
+    for (config, load), runs in cells.items():
+        r = median_row(runs)
+        r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
+                 queue_rows=queue_rows, machine=machine(), model=manifest["name"],
+                 seconds=args.seconds)
+        rows.append(r)
+    print(HEADER)
+    for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
+        print_row(r)
     if args.results:
         path = Path(args.results)
         old = json.loads(path.read_text()) if path.is_file() else []
@@ -242,16 +270,18 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-HEADER = ("| load | configuration | offered/s | goodput/s | answered/s | p50 ms | p99 ms | "
-          "429 | 503 | other | accuracy | mean exit block |\n|---|---|---|---|---|---|---|---|---|"
-          "---|---|---|")
+HEADER = ("| load | configuration | offered/s | goodput/s (median) | goodput/s, each repeat | "
+          "answered/s | p50 ms | p99 ms | 429 | 503 | other | accuracy | mean exit block |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     other = ", ".join(f"{k}: {v}" for k, v in r["other"].items()) or "0"
-    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | "
-          f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']} | {r['503']} | "
-          f"{other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} |", flush=flush)
+    each = ", ".join(f"{c['goodput']:.0f}" for c in r.get("repeats", [r]))
+    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
+          f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']:.0f} | "
+          f"{r['503']:.0f} | {other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} |",
+          flush=flush)
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -311,6 +341,8 @@ def main() -> int:
     sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
     sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
     sw.add_argument("--warmup", type=float, default=2.0)
+    sw.add_argument("--repeats", type=int, default=3,
+                    help="interleaved repeats of every cell; the table shows their median")
     sw.add_argument("--results", default=None, help="JSON file the rows are merged into")
     pl = sub.add_parser("plot")
     pl.add_argument("--results", required=True)
