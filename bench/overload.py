@@ -74,6 +74,14 @@ def pin(server: Server, cpu: int) -> None:
     os.sched_setaffinity(0, set(cpus) - {cpus[cpu]})
 
 
+def cpu_seconds(server: Server) -> float:
+    """CPU seconds the server process has used (all its threads): below 100% of the wall time
+    of a saturation run, its one core was idle part of the time, so the server was not the
+    bottleneck then."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start(model: Path, config: str, target_ms: float, queue_rows: int) -> Server:
     server = Server(model, **settings_for(config, target_ms, queue_rows))
     pin(server, 0)
@@ -194,19 +202,22 @@ def saturate(args: argparse.Namespace) -> int:
             run_loop(closed_loop(s.url, payloads, y, args.outstanding, 1.0, 0.5))
         for _ in range(args.repeats):
             for c, s in servers.items():
-                runs[c].append(run_loop(closed_loop(s.url, payloads, y, args.outstanding,
-                                                    args.seconds, 1.0)))
+                cpu, wall = cpu_seconds(s), time.perf_counter()
+                r = run_loop(closed_loop(s.url, payloads, y, args.outstanding, args.seconds, 1.0))
+                r["server_cpu"] = (cpu_seconds(s) - cpu) / (time.perf_counter() - wall)
+                runs[c].append(r)
     finally:
         for s in servers.values():
             s.close()
     print(f"# saturation, {manifest['name']} ({manifest['preset']} on {manifest['dataset']}), "
           f"{args.outstanding} requests outstanding, {args.seconds:g} s x {args.repeats} "
           f"interleaved repeats; {machine()}")
-    print("| scheduler | images/s (median) | all runs | accuracy |")
-    print("|---|---|---|---|")
+    print("| scheduler | images/s (median) | all runs | server CPU (median) | accuracy |")
+    print("|---|---|---|---|---|")
     for c, r in runs.items():
         tput = [v["throughput"] for v in r]
         print(f"| {c} | {np.median(tput):.0f} | {', '.join(f'{v:.0f}' for v in tput)} | "
+              f"{np.median([v['server_cpu'] for v in r]) * 100:.0f}% | "
               f"{np.mean([v['accuracy'] for v in r]) * 100:.2f}% |")
     return 0
 
