@@ -6,22 +6,25 @@ confidence reaches their threshold are answered at once and the others join the 
 queue with the features the stage produced. One worker thread runs one stage at a time; between
 calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
 
-  - `stage` (default): the deepest stage holding a full batch (max_batch_size rows), else
+  - `batch` (default; run-to-the-end, the classic batcher): always the deepest non-empty
+    stage, so a batch's survivors run to the last block before stage 1 takes new rows.
+  - `stage`: the deepest stage holding a full batch (max_batch_size rows), else
     the deepest non-empty stage; but a deeper stage whose oldest row has waited there longer
     than the batch window plus one pass of the network (the recent time of a stage call x the
     number of blocks) goes before a full batch, the deepest such. (An age rule that applied
     to every stage, stage 1 included, let new rows in stage 1 overtake the survivors at every
-    block, with the same result as fullest-first below.) Full batches first is what raises throughput at
-    saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
+    block, with the same result as fullest-first below.) Full batches first is meant to raise
+    throughput at saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
     the survivors of several stage-1 batches fill one batch of stage 2 instead of each running
     as a small remnant; the age bound keeps survivors from starving behind a stage 1 that is
     always full. Without a full batch anywhere the survivors go first, as run-to-the-end: a
     fullest-first rule there (tried) made survivors wait at every stage for a queue to become
     the fullest, which under open-loop load added the patience once per block (p50 14 ms
     against 5 ms at half capacity) and, past capacity, let the latency and the 429s feed each
-    other until goodput collapsed.
-  - `batch` (run-to-the-end, the classic batcher): always the deepest non-empty stage, so a
-    batch's survivors run to the last block before stage 1 takes new rows.
+    other until goodput collapsed. On the CPU the fuller batches buy nothing (onnxruntime's
+    cost per row is flat from batch 8 up) and the stage-level server measured 0.88-0.94x
+    run-to-the-end's throughput at saturation, hence the default (README, "Overload
+    benchmark").
 
 When stage 1 would run a partial batch and no other stage has work, it waits for more rows
 under load only (the batch is not a lone row and the last one was not either), until its
@@ -176,7 +179,7 @@ class Batcher:
 
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, queue_bound: int = 4096,
-                 scheduling: Scheduling = "stage", controller: LoadController | None = None):
+                 scheduling: Scheduling = "batch", controller: LoadController | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
         if max_wait_ms < 0:

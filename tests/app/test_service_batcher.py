@@ -256,7 +256,7 @@ def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
 def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     async def go():
         runtime = HoldingRuntime(held={99})
-        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000)
+        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000, scheduling="stage")
         b.start()
         late = b.submit(rows([1], [3]), THRESHOLDS, True, deadline=time.monotonic() + 0.2)
         quick = b.submit(rows([2], [1]), THRESHOLDS, False)

@@ -238,7 +238,7 @@ def test_models_route_describes_the_model(client, ref):
     ee, points = info["early_exit"], m["early_exit"]["operating_points"]
     assert ee["default_mode"] == "auto" and ee["thresholds"] == m["early_exit"]["thresholds"]
     assert ee["current_point"] == 0 and ee["latency_target_ms"] is None
-    assert ee["scheduling"] == "stage"
+    assert ee["scheduling"] == "batch"
     floor = points[0]["expected_accuracy"] - 0.02  # the default HFF_MIN_ACCURACY
     assert ee["min_accuracy"] == pytest.approx(floor)
     usable = [p for p in points if p["expected_accuracy"] >= floor]
