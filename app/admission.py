@@ -78,13 +78,31 @@ class Admission:
         self.rows += ticket.rows
         self.nbytes += ticket.nbytes
 
+    def _ticket(self, content_length: int | None, body_limit: int, deadline: float,
+                min_row_bytes: int) -> Ticket:
+        return Ticket(self.estimate_rows(content_length, min_row_bytes),
+                      body_limit if content_length is None else content_length, deadline)
+
+    def _take_now(self, ticket: Ticket) -> bool:
+        """Take the room at once if nobody waits for it and it fits."""
+        if not self._waiting and self._fits(ticket):
+            self._take(ticket)
+            return True
+        return False
+
+    def try_acquire(self, content_length: int | None, body_limit: int, deadline: float,
+                    min_row_bytes: int = MIN_ROW_BYTES) -> Ticket | None:
+        """`acquire` without waiting: the ticket when there is room now and nobody waits for
+        it, else None and nothing reserved (app.hotpath then hands the request to the ASGI
+        route, which waits in line)."""
+        ticket = self._ticket(content_length, body_limit, deadline, min_row_bytes)
+        return ticket if self._take_now(ticket) else None
+
     async def acquire(self, content_length: int | None, body_limit: int, deadline: float,
                       min_row_bytes: int = MIN_ROW_BYTES) -> Ticket:
         """Reserve room for a request, waiting in line for it; 429 when none comes in time."""
-        ticket = Ticket(self.estimate_rows(content_length, min_row_bytes),
-                        body_limit if content_length is None else content_length, deadline)
-        if not self._waiting and self._fits(ticket):
-            self._take(ticket)
+        ticket = self._ticket(content_length, body_limit, deadline, min_row_bytes)
+        if self._take_now(ticket):
             return ticket
         loop = asyncio.get_running_loop()
         future = loop.create_future()

@@ -42,6 +42,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,12 +72,15 @@ class DeadlineExpired(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's rows and, as they arrive, their results."""
+    """One request's rows and, as they arrive, their results. When every row has exited (or the
+    job failed) it resolves `future`, or, on app.hotpath's route, calls `notify(job)`: a plain
+    callback costs no Future and no task wake-up per request."""
 
     x: np.ndarray  # (n, C, H, W) float32
     thresholds: np.ndarray | None  # (L-1,) per-block exit thresholds (inf = never); None = off
     return_blocks: bool
-    future: asyncio.Future
+    future: asyncio.Future | None = None
+    notify: Callable[[Job], None] | None = None
     adaptive: bool = False  # 'auto': the load controller's current point decides the thresholds
     deadline: float | None = None  # time.monotonic() by which rows must start their next block
     enqueued: float = field(default_factory=time.monotonic)
@@ -88,6 +92,9 @@ class Job:
     blocks: list[list[dict[str, Any]]] | None = None  # per row, every block that ran
     remaining: int = 0
     abandoned: bool = False  # the caller gave up (timeout): skip rows not started yet
+    error: BaseException | None = None  # why the job failed
+    done: bool = False  # answered, failed or given up: nothing more happens to it
+    timer: asyncio.TimerHandle | None = None  # app.service's request deadline
 
     def __post_init__(self) -> None:
         n = self.x.shape[0]
@@ -97,6 +104,25 @@ class Job:
         self.deadline_missed = np.zeros(n, dtype=bool)
         if self.return_blocks:
             self.blocks = [[] for _ in range(n)]
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Resolve the job once: its rows are all answered, or it failed with `error`."""
+        if self.done or (self.future is not None and self.future.done()):
+            return
+        self.done = True
+        self.error = error
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(self)
+            else:
+                self.future.set_exception(error)
+        elif self.notify is not None:
+            self.notify(self)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to do for it: resolved, or its waiter was cancelled."""
+        return self.done or (self.future is not None and self.future.done())
 
 
 @dataclass(eq=False)
@@ -179,7 +205,8 @@ class Batcher:
 
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, queue_bound: int = 4096,
-                 scheduling: Scheduling = "batch", controller: LoadController | None = None):
+                 scheduling: Scheduling = "batch", controller: LoadController | None = None,
+                 inline_below_ms: float = 0.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
         if max_wait_ms < 0:
@@ -195,6 +222,9 @@ class Batcher:
         self.queue_bound = queue_bound
         self.scheduling = scheduling
         self.controller = controller
+        # model calls whose recent CPU time is under this run on the event loop (0: never)
+        self.inline_below = inline_below_ms / 1000.0
+        self._call_cpu: dict[int, float] = {}  # smoothed CPU seconds of one call, by stage
         self.num_blocks = runtime.manifest.num_blocks
         self._queues: list[list[Segment]] = [[] for _ in range(self.num_blocks)]
         self._queued = [0] * self.num_blocks  # rows per stage queue
@@ -243,8 +273,9 @@ class Batcher:
 
     def submit(self, x: np.ndarray, thresholds: np.ndarray | None, return_blocks: bool,
                adaptive: bool = False, deadline: float | None = None,
-               arrived: float | None = None) -> Job:
-        """Queue a request's rows; its future resolves when every row has exited."""
+               arrived: float | None = None, notify: Callable[[Job], None] | None = None) -> Job:
+        """Queue a request's rows; when every row has exited the job calls `notify`, or, without
+        one, resolves its future."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         n = x.shape[0]
@@ -253,8 +284,8 @@ class Batcher:
             raise QueueFull(f"the queue is full ({queued} of {self.queue_bound} instances "
                             "waiting)")
         job = Job(x=x, thresholds=thresholds, return_blocks=return_blocks, adaptive=adaptive,
-                  deadline=deadline, arrived=arrived,
-                  future=asyncio.get_running_loop().create_future())
+                  deadline=deadline, arrived=arrived, notify=notify,
+                  future=None if notify is not None else asyncio.get_running_loop().create_future())
         self._push(0, Segment([job] * n, np.arange(n), x, None, job.enqueued))
         self._in_flight += n
         self.accepted_requests += 1
@@ -301,9 +332,12 @@ class Batcher:
 
     def _screen(self, stage: int, seg: Segment, now: float) -> Segment | None:
         """Drop the rows of abandoned requests; answer (or refuse) those past their deadline."""
+        if all(not job.abandoned and not job.settled
+               and (job.deadline is None or now <= job.deadline) for job in seg.jobs):
+            return seg  # the usual case, without an array per segment
         keep = np.ones(seg.size, dtype=bool)
         for job, lo, hi in job_runs(seg.jobs):
-            if job.abandoned or job.future.done():
+            if job.abandoned or job.settled:
                 keep[lo:hi] = False
                 self._release(job, hi - lo)
             elif job.deadline is not None and now > job.deadline:
@@ -311,7 +345,7 @@ class Batcher:
                 if seg.probs is None:  # no block reached: the request cannot be answered
                     self.metrics.deadline_misses.labels(outcome="refused").inc(hi - lo)
                     job.abandoned = True
-                    job.future.set_exception(DeadlineExpired(
+                    job.finish(DeadlineExpired(
                         "the request's deadline (deadline_ms) passed before its instances "
                         "reached the first block"))
                     self._release(job, hi - lo)
@@ -421,35 +455,46 @@ class Batcher:
                 log.exception("stage %d on %d rows failed", stage + 1, rows)
                 for seg in batch:
                     for job, lo, hi in job_runs(seg.jobs):
-                        if not job.future.done():
-                            job.future.set_exception(e)
+                        job.finish(e)
                         job.abandoned = True  # its rows in other queues are dropped
                         self._release(job, hi - lo)
 
     # --- running a stage -------------------------------------------------------------------
 
     async def _run(self, stage: int, batch: list[Segment]) -> None:
-        loop = asyncio.get_running_loop()
         if stage == 0:
             off = [s for s in batch if s.jobs[0].thresholds is None or not self.runtime.has_stages]
             if off:
                 batch = [s for s in batch if s not in off]
                 started = time.monotonic()
-                per_block, cpu = await loop.run_in_executor(
-                    self._executor, on_thread_clock, self.runtime.run_full,
-                    stage_input(off, self._host))
+                per_block, cpu = await self._call(
+                    -1, self.runtime.run_full, stage_input(off, self._host))
                 self._ran(time.monotonic() - started, cpu)
                 self._answer_full(off, per_block)
             if not batch:
                 return
         rows = sum(s.size for s in batch)
         started = time.monotonic()
-        out, cpu = await loop.run_in_executor(self._executor, on_thread_clock,
-                                              self._stage_call, stage, batch, rows)
+        out, cpu = await self._call(stage, self._stage_call, stage, batch, rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
         self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
+
+    async def _call(self, key: int, fn, *args) -> tuple[Any, float]:
+        """fn(*args) (stage `key`, -1: the whole graph) and its CPU seconds: on the event loop
+        when its recent calls took less CPU than `inline_below`, else on the inference thread.
+        For a small model the hand-off to the thread and the GIL's way back to the loop cost
+        more than running the call where the batch already is (README, "Request path")."""
+        recent = self._call_cpu.get(key, 0.0)
+        if recent < self.inline_below:
+            out, cpu = on_thread_clock(fn, *args)
+            await asyncio.sleep(0)  # let the loop read what arrived meanwhile before the next pick
+        else:
+            out, cpu = await asyncio.get_running_loop().run_in_executor(
+                self._executor, on_thread_clock, fn, *args)
+        self._call_cpu[key] = recent + 0.2 * (cpu - recent) if key in self._call_cpu else cpu
+        return out, cpu
 
     def _ran(self, seconds: float, cpu_seconds: float) -> None:
         if self.controller is not None:
@@ -487,12 +532,18 @@ class Batcher:
                 thresholds[lo:hi] = adaptive_t if job.adaptive and adaptive_t is not None \
                     else job.thresholds[stage]
             exits = probs.max(axis=1) >= thresholds
+        leaves = exits.tolist()
         for job, lo, hi in runs:
             if job.blocks is not None:
                 for i in range(lo, hi):
                     t = thresholds[i]
                     job.blocks[rows[i]].append({"block": stage + 1, "probabilities": probs[i],
                                                 "threshold": float(t) if math.isfinite(t) else None})
+            if hi - lo == 1:  # a one-row run (most requests): slices, no index arrays
+                if leaves[lo]:
+                    self._deliver(job, rows[lo:hi], probs[lo:hi], stage + 1,
+                                  point if job.adaptive else -1)
+                continue
             leaving = np.flatnonzero(exits[lo:hi]) + lo
             if len(leaving):
                 self._deliver(job, rows[leaving], probs[leaving], stage + 1,
@@ -517,11 +568,16 @@ class Batcher:
 
     def _deliver(self, job: Job, idx: np.ndarray, probs: np.ndarray, block: int,
                  point: int) -> None:
-        if job.probs is None:
-            job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
-        job.probs[idx] = probs
-        job.exit_block[idx] = block
-        job.operating_point[idx] = point
+        if job.probs is None and len(job.exit_block) == 1:  # a one-row request
+            job.probs = np.array(probs, dtype=np.float32)
+            job.exit_block[0] = block
+            job.operating_point[0] = point
+        else:
+            if job.probs is None:
+                job.probs = np.zeros((job.x.shape[0], probs.shape[1]), dtype=np.float32)
+            job.probs[idx] = probs
+            job.exit_block[idx] = block
+            job.operating_point[idx] = point
         if self.controller is not None:
             self.controller.answered(len(idx))
         self._release(job, len(idx))
@@ -531,5 +587,4 @@ class Batcher:
         self._in_flight -= rows
         if job.remaining == 0:
             self.answered_requests += 1
-            if not job.future.done():
-                job.future.set_result(job)
+            job.finish()

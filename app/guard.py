@@ -64,9 +64,6 @@ class RequestGuard:
         self.app = app
         self.metrics = metrics
         self.body_timeout = body_timeout
-        # labelled children looked up once: .labels() costs a lock and a dict build per call
-        self._counters: dict[tuple[str, int], Any] = {}
-        self._latencies: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,15 +146,7 @@ class RequestGuard:
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one request (also app/rsgi.py's hot routes, which do not pass through here)."""
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[route, status] = self.metrics.requests.labels(
-                route=route, status=str(status))
-        latency = self._latencies.get(route)
-        if latency is None:
-            latency = self._latencies[route] = self.metrics.latency.labels(route=route)
-        counter.inc()
-        latency.observe(seconds)
+        self.metrics.observe_request(route, status, seconds)
 
     @staticmethod
     async def _cut(scope: Scope, ex: _Exchange, send: Send) -> None:

@@ -35,6 +35,13 @@ class CoalescingTransport:
         if not self._transport.is_closing():
             self._transport.write(data)
 
+    def write_now(self, data: bytes) -> None:
+        """One write at once (app.hotpath: a whole response), after what is pending."""
+        if self._pending:
+            self.flush()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
     def close(self) -> None:
         self.flush()  # what was written before close() still goes out, as with a plain transport
         self._transport.close()

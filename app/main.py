@@ -22,10 +22,10 @@ from starlette.types import Receive, Scope, Send
 from app import __version__
 from app.errors import ClientError, install_error_handlers
 from app.guard import RequestGuard
+from app.hotpath import HotPathProtocol, HotRoutes
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.openapi import install_openapi
-from app.protocol import GuardedHttpToolsProtocol
 from app.repository import ModelRepository
 from app.routes import health, kserve, metrics, model_control, models, predict
 from app.settings import Settings
@@ -185,9 +185,11 @@ def configure_logging(settings: Settings) -> None:
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """uvicorn with every client-controlled wait bounded (README: operations), writing each
-    response in one socket write (app.http, through app.protocol's class)."""
-    protocol = partial(GuardedHttpToolsProtocol, header_timeout=settings.HEADER_TIMEOUT_S,
-                       max_header_bytes=settings.MAX_HEADER_BYTES)
+    response in one socket write (app.http), and answering the hot routes inside its protocol
+    (app.hotpath, on top of app.protocol's limits)."""
+    protocol = partial(HotPathProtocol, header_timeout=settings.HEADER_TIMEOUT_S,
+                       max_header_bytes=settings.MAX_HEADER_BYTES,
+                       hot=HotRoutes(app.state.repository))
     return uvicorn.Config(app, host=settings.HOST, port=settings.PORT, http=protocol,
                           proxy_headers=False,  # nothing here reads the client's address
                           log_level=settings.LOG_LEVEL, access_log=False,

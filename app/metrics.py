@@ -63,6 +63,23 @@ class Metrics:
         self.waiting_requests = Gauge("hff_waiting_requests", "requests waiting for admission, "
                                       "their bodies unread", registry=r)
 
+        # labelled children looked up once: .labels() costs a lock and a dict build per call
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._request_latencies: dict[str, Any] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (app.guard for the ASGI app, app.hotpath and app.rsgi
+        for the requests they answer themselves); `route` is a template, never a raw path."""
+        counter = self._request_counters.get((route, status))
+        if counter is None:
+            counter = self._request_counters[route, status] = self.requests.labels(
+                route=route, status=str(status))
+        latency = self._request_latencies.get(route)
+        if latency is None:
+            latency = self._request_latencies[route] = self.latency.labels(route=route)
+        counter.inc()
+        latency.observe(seconds)
+
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
 

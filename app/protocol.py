@@ -39,12 +39,14 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_due = 0.0  # loop.time() by which the current request's headers must arrive
         # what app.guard reads through scope["extensions"][CONNECTION] (its WatchedConnection)
         self.request_complete = False
         self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._headers_due = self.loop.time() + self.header_timeout
         self._arm_header_timer()  # a connection that never sends a request is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,23 +67,32 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {CONNECTION: self}
+        self._request_begins()
+
+    def on_headers_complete(self) -> None:
+        self._headers_arrived()
+        super().on_headers_complete()
+
+    def _request_begins(self) -> None:
         self.request_complete = False
         self._awaiting_headers = True
         self._header_bytes = 0
+        self._headers_due = self.loop.time() + self.header_timeout
         if self._header_timer is None:
             self._arm_header_timer()
 
-    def on_headers_complete(self) -> None:
+    def _headers_arrived(self) -> None:
+        # the timer stays armed: when it fires it looks again at the request then in progress
+        # (one timer per connection per header timeout, not one per request)
         self._awaiting_headers = False
-        self._cancel_header_timer()
-        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self.request_complete = True
         super().on_message_complete()
 
     def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+        self._header_timer = self.loop.call_later(
+            max(0.0, self._headers_due - self.loop.time()), self._header_deadline)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -91,6 +102,9 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def _header_deadline(self) -> None:
         self._header_timer = None
         if not self._awaiting_headers or self.transport.is_closing():
+            return
+        if self.loop.time() < self._headers_due:  # a later request's headers: its own deadline
+            self._arm_header_timer()
             return
         if self._header_bytes == 0:
             self.transport.close()  # nothing of a request arrived: just close, as nginx does

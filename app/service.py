@@ -35,6 +35,12 @@ class RequestTimeout(ClientError):
                               "(HFF_REQUEST_TIMEOUT_S)")
 
 
+def deadline_error(e: DeadlineExpired) -> ClientError:
+    """The 503 for a request whose deadline_ms passed before any of its rows reached a block."""
+    return ClientError(503, f"{e}: the server is overloaded; retry later or allow a longer "
+                            "deadline_ms", {"Retry-After": "1"})
+
+
 class Service:
     """One loaded model version and everything a route needs to run it; app.repository's
     ModelRepository holds the loaded ones and finds the one a request names.
@@ -89,7 +95,9 @@ class Service:
         batcher = Batcher(self.runtime, self.metrics, max_batch_size=self.settings.MAX_BATCH_SIZE,
                           max_wait_ms=self.settings.MAX_BATCH_WAIT_MS,
                           queue_bound=self.settings.QUEUE_BOUND,
-                          scheduling=self.settings.SCHEDULING, controller=self.controller)
+                          scheduling=self.settings.SCHEDULING, controller=self.controller,
+                          inline_below_ms=(self.settings.INLINE_CALL_MS
+                                           if self.runtime.device == "cpu" else 0.0))
         batcher.start()
         self.batcher = batcher
         self.warmed = True
@@ -140,23 +148,49 @@ class Service:
         # in one step of the loop, so a version switch never stops a version a request chose
         self.active += 1
         try:
-            raw = headers.get("content-length")
-            length = int(raw) if raw is not None and raw.isdigit() else None
-            # a binary tensor body holds whole FP32 rows: a 12 KB 3x32x32 image is one row, not
-            # the 192 the any-encoding minimum would reserve (which let ~20 such requests in at once)
-            row_bytes = self.spec.binary_row_bytes if BINARY_HEADER in headers else MIN_ROW_BYTES
-            loop = asyncio.get_running_loop()
+            length, row_bytes = self._reservation(headers)
             ticket = await self.admission.acquire(length, self.settings.MAX_BODY_BYTES,
-                                                  loop.time() + self.settings.REQUEST_TIMEOUT_S,
-                                                  row_bytes)
+                                                  self._deadline(), row_bytes)
             try:
                 yield ticket
             finally:
                 self.admission.release(ticket)
         finally:
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            self._ended()
+
+    def try_admit(self, headers: Mapping[str, str]) -> Ticket | None:
+        """`admit` without waiting (app.hotpath): the ticket when there is room now, else None
+        and nothing held; `release(ticket)` when the request ends."""
+        if not self.ready:
+            raise self.not_ready_error()
+        length, row_bytes = self._reservation(headers)
+        ticket = self.admission.try_acquire(length, self.settings.MAX_BODY_BYTES,
+                                            self._deadline(), row_bytes)
+        if ticket is not None:
+            self.active += 1
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """A request admitted by `try_admit` has ended."""
+        self.admission.release(ticket)
+        self._ended()
+
+    def _reservation(self, headers: Mapping[str, str]) -> tuple[int | None, int]:
+        """(Content-Length, the fewest bytes one row of this body can take)."""
+        raw = headers.get("content-length")
+        length = int(raw) if raw is not None and raw.isdigit() else None
+        # a binary tensor body holds whole FP32 rows: a 12 KB 3x32x32 image is one row, not
+        # the 192 the any-encoding minimum would reserve (which let ~20 such requests in at once)
+        row_bytes = self.spec.binary_row_bytes if BINARY_HEADER in headers else MIN_ROW_BYTES
+        return length, row_bytes
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.REQUEST_TIMEOUT_S
+
+    def _ended(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
 
     async def decode(self, ticket: Ticket, heavy: bool, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) (parse a body, decode images): inline when light, else on the decode
@@ -170,11 +204,14 @@ class Service:
         except TimeoutError:
             raise RequestTimeout(self.settings.REQUEST_TIMEOUT_S) from None
 
-    async def infer(self, x: np.ndarray, mode: str | float | None, ticket: Ticket,
-                    return_blocks: bool = False, deadline_ms: float | None = None) -> Job:
-        """Queue (N, C, H, W) rows and wait until every one has exited (or the deadline).
-        `deadline_ms` counts from the request's arrival: a row still waiting for a block after
-        it is answered from the block it reached, or the request gets 503 if it reached none."""
+    def submit(self, x: np.ndarray, mode: str | float | None, ticket: Ticket,
+               return_blocks: bool = False, deadline_ms: float | None = None,
+               notify: Callable[[Job], None] | None = None) -> Job:
+        """Queue (N, C, H, W) rows; the job resolves (or calls `notify`) when every row has
+        exited, or fails at the request's deadline. `deadline_ms` counts from the request's
+        arrival: a row still waiting for a block after it is answered from the block it
+        reached, or the request fails with DeadlineExpired if it reached none. The caller
+        cancels `job.timer` once it is done with the job."""
         if not self.ready or self.batcher is None:
             raise self.not_ready_error()
         self.admission.settle(ticket, x.shape[0])
@@ -182,31 +219,41 @@ class Service:
         deadline = None if deadline_ms is None else ticket.started + deadline_ms / 1000.0
         try:
             job = self.batcher.submit(x, thresholds, return_blocks, adaptive, deadline,
-                                      arrived=ticket.started)
+                                      arrived=ticket.started, notify=notify)
         except QueueFull as e:
             raise ClientError(429, f"{e}; retry later", {"Retry-After": "1"}) from None
         except ShuttingDown as e:
             raise ClientError(503, str(e), {"Retry-After": "5"}) from None
         # one timer, not asyncio.timeout + shield (their bookkeeping was 5% of a small request);
-        # the batcher skips a job whose future is done, whether answered, failed or cancelled
-        timer = asyncio.get_running_loop().call_at(ticket.deadline, self._expire, job)
+        # the batcher skips a job that is done, whether answered, failed or given up
+        job.timer = asyncio.get_running_loop().call_at(ticket.deadline, self._expire, job)
+        return job
+
+    async def infer(self, x: np.ndarray, mode: str | float | None, ticket: Ticket,
+                    return_blocks: bool = False, deadline_ms: float | None = None) -> Job:
+        """`submit`, then wait until every row has exited (or the deadline)."""
+        job = self.submit(x, mode, ticket, return_blocks, deadline_ms)
+        assert job.future is not None and job.timer is not None
         try:
             return await job.future
         except DeadlineExpired as e:
-            raise ClientError(503, f"{e}: the server is overloaded; retry later or allow a "
-                                   "longer deadline_ms", {"Retry-After": "1"}) from None
+            raise deadline_error(e) from None
         except asyncio.CancelledError:  # the client left, or the shutdown timeout cut it
-            self.batcher.abandon(job)
+            self.abandon(job)
             raise
         finally:
-            timer.cancel()
+            job.timer.cancel()
+
+    def abandon(self, job: Job) -> None:
+        """Nobody waits for the job any more: drop its rows not started yet."""
+        if self.batcher is not None:
+            self.batcher.abandon(job)
 
     def _expire(self, job: Job) -> None:
         """The request's deadline (HFF_REQUEST_TIMEOUT_S) passed before its rows were answered."""
-        if not job.future.done():
-            assert self.batcher is not None
-            self.batcher.abandon(job)
-            job.future.set_exception(RequestTimeout(self.settings.REQUEST_TIMEOUT_S))
+        if not job.settled:
+            self.abandon(job)
+            job.finish(RequestTimeout(self.settings.REQUEST_TIMEOUT_S))
 
     def predictions(self, job: Job, top_k: int) -> list[dict[str, Any]]:
         """The response's predictions, in instance order."""

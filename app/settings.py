@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     SHUTDOWN_TIMEOUT_S: float = Field(30.0, ge=0.0)  # after SIGTERM, requests still open are cut
     DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
     THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
+    # on CPU, a model call whose recent CPU time is under this runs on the event loop instead of
+    # the inference thread (small models: the hand-off costs more than it overlaps); 0 = never
+    INLINE_CALL_MS: float = Field(1.0, ge=0.0, le=1000.0)
     EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
     # Under load 'auto' moves to cheaper operating points to keep queueing under this; unset: off
     LATENCY_TARGET_MS: float | None = Field(None, gt=0.0, le=600_000.0)

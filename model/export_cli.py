@@ -64,10 +64,12 @@ def print_report(result: ExportResult) -> None:
     print(f"{'test':>6}  {result.test_full_accuracy * 100:>7.2f}%  {ee.test_accuracy * 100:>13.2f}%  "
           f"{ee.test_compute_fraction * 100:>6.1f}%")
     print("\noperating points (a server under load moves from 0 towards cheaper ones):")
-    print(f"{'point':>5}  {'epsilon':>7}  {'val acc':>7}  {'val compute':>11}  {'test acc':>8}  "
-          f"{'test compute':>12}")
+    # the lower bound is what HFF_MIN_ACCURACY is checked against (app/controller.py)
+    print(f"{'point':>5}  {'epsilon':>7}  {'val acc':>7}  {'lower bound':>11}  {'val compute':>11}  "
+          f"{'test acc':>8}  {'test compute':>12}")
     for i, p in enumerate(ee.operating_points):
-        print(f"{i:>5}  {p.epsilon * 100:>6.1f}%  {p.expected_accuracy * 100:>6.2f}%  "
+        bound = "" if p.accuracy_lower_bound is None else f"{p.accuracy_lower_bound * 100:.2f}%"
+        print(f"{i:>5}  {p.epsilon * 100:>6.1f}%  {p.expected_accuracy * 100:>6.2f}%  {bound:>11}  "
               f"{p.compute_fraction * 100:>10.1f}%  {p.test_accuracy * 100:>7.2f}%  "
               f"{p.test_compute_fraction * 100:>11.1f}%")
     print(f"model dir: {result.model_dir}")

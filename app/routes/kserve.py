@@ -118,16 +118,16 @@ async def infer_json(service: Service, headers: Mapping[str, str],
     route and for the hot path in app/middleware.py (`headers`: lower-case names). The body is
     read only once the request is admitted (app.admission), so `read_body` is a callable."""
     async with service.admit(headers) as ticket:
-        header, binary = _split_body(headers, await read_body())
+        header, binary = split_body(headers, await read_body())
         heavy = len(header) > INLINE_DECODE_BYTES
-        req, x = await service.decode(ticket, heavy, _decode, header, binary, service)
+        req, x = await service.decode(ticket, heavy, decode_infer, header, binary, service)
         params = req.parameters
         job = await service.infer(x, params.early_exit if params else None, ticket,
                                   deadline_ms=params.deadline_ms if params else None)
-        return _response(req, job, service)
+        return infer_response(req, job, service)
 
 
-def _decode(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequest, np.ndarray]:
+def decode_infer(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequest, np.ndarray]:
     limit = max_values(service.spec, service.settings.MAX_INSTANCES)
     req = parse_json_body(V2InferRequest, header, '{"inputs": [...]}', limit)
     names = [t.name for t in req.inputs]
@@ -142,7 +142,7 @@ def _decode(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequ
     return req, _input_array(tensor, binary, service)
 
 
-def _response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
+def infer_response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     return {
@@ -160,7 +160,7 @@ def _response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
     }
 
 
-def _split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
+def split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor bytes after it); the binary part is empty without the extension."""
     ctype = media_type(headers, "application/json")
     raw_length = headers.get(BINARY_HEADER)

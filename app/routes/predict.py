@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from app.admission import Ticket
+from app.batcher import Job
 from app.decoding import (
     check_count,
     decode_image,
@@ -94,10 +96,32 @@ def decode_images(images: list[tuple[bytes, str]], spec) -> np.ndarray:
     return np.stack([decode_image(data, where, spec) for data, where in images])
 
 
-def _decode_json(body: bytes, service: Service) -> tuple[PredictRequest, np.ndarray]:
-    req = parse_json_body(PredictRequest, body, '{"instances": [...]}',
-                          max_values(service.spec, service.settings.MAX_INSTANCES))
-    return req, decode_instances(req.instances, service.spec, service.settings.MAX_INSTANCES)
+DEFAULT_OPTIONS = PredictOptions()
+
+
+def decode_json(body: bytes, service: Service) -> tuple[PredictOptions, np.ndarray]:
+    """A JSON /predict body -> (options, (N, C, H, W) rows), for every route that takes one.
+
+    The common body, {"instances": [...]} and nothing else, is parsed with orjson and needs no
+    validation beyond decode_instances' (no pydantic model per request); any other body (options,
+    NaN tokens, anything invalid) goes through the PredictRequest model, which gives the errors.
+    """
+    spec, limit = service.spec, service.settings.MAX_INSTANCES
+    values = max_values(spec, limit)
+    if body.count(b",") <= values:  # else parse_json_body refuses it (413) unparsed
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if type(data) is dict and len(data) == 1 and type(data.get("instances")) is list:
+            return DEFAULT_OPTIONS, decode_instances(data["instances"], spec, limit)
+    req = parse_json_body(PredictRequest, body, '{"instances": [...]}', values)
+    return req, decode_instances(req.instances, spec, limit)
+
+
+def is_heavy(body: bytes) -> bool:
+    """Decode on the decode threads (large bodies, images) rather than on the event loop."""
+    return len(body) > INLINE_DECODE_BYTES or b'"b64"' in body
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
@@ -145,8 +169,7 @@ async def predict_json(service: Service, headers: Mapping[str, str],
     admitted (app.admission), so `read_body` is a callable."""
     async with service.admit(headers) as ticket:
         body = await read_body()
-        heavy = len(body) > INLINE_DECODE_BYTES or b'"b64"' in body
-        options, x = await service.decode(ticket, heavy, _decode_json, body, service)
+        options, x = await service.decode(ticket, is_heavy(body), decode_json, body, service)
         return await _predict(service, x, options, ticket)
 
 
@@ -154,4 +177,9 @@ async def _predict(service: Service, x: np.ndarray, options: PredictOptions,
                    ticket: Ticket) -> dict[str, Any]:
     job = await service.infer(x, options.early_exit, ticket, options.return_blocks,
                               options.deadline_ms)
+    return response(service, job, options)
+
+
+def response(service: Service, job: Job, options: PredictOptions) -> dict[str, Any]:
+    """The /predict response body for a job that has been answered."""
     return {"model": service.model_ref(), "predictions": service.predictions(job, options.top_k)}

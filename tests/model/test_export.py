@@ -155,6 +155,11 @@ def test_cli_prints_the_trade_off_and_writes_the_model_dir(tiny_export):
     model_dir, proc = tiny_export
     assert "threshold" in proc.stdout and "mean blocks" in proc.stdout
     assert "calibrated" in proc.stdout and "at 95% confidence" in proc.stdout
+    # the operating points with the bound the server's accuracy floor is checked against
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    point = manifest["early_exit"]["operating_points"][0]
+    assert "lower bound" in proc.stdout
+    assert f"{point['accuracy_lower_bound'] * 100:.2f}%" in proc.stdout
     names = sorted(p.name for p in model_dir.iterdir())
     assert names == ["early_exit.png", "manifest.json", "model.onnx", "stage_1.onnx", "stage_2.onnx"]
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
