@@ -187,6 +187,7 @@ def test_kserve_v2_binary_tensor_data(client, ref, digits_test_split):
     r = client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
+    assert "id" not in r.json()  # no id sent, none echoed (not a null where v2 says string)
     probs = np.array(out["probabilities"]["data"]).reshape(5, 10)
     np.testing.assert_allclose(probs, ref.full_probs(x), atol=1e-5)
 
