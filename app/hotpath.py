@@ -264,6 +264,13 @@ class HotPathProtocol(GuardedHttpToolsProtocol):
     def _answered(self, job: Job) -> None:
         """The batcher's callback: every row of the active request's job has exited (or the
         job failed)."""
+        try:
+            self._answer(job)
+        except Exception:  # a bug here must not fail the other requests of the batch
+            log.exception("unexpected error answering a hot route")
+            self.transport.close()
+
+    def _answer(self, job: Job) -> None:
         ex = self._active
         if ex is None or ex.job is not job:
             return  # the client left; counted when it did

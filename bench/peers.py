@@ -51,7 +51,9 @@ from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
 HFF_CONFIGS: dict[str, dict[str, str]] = {
     "hff": {}, "hff-granian": {"server": "granian"},
     # the batcher's share: no batch window, and early exit off (the whole graph, as the peers run)
-    "hff-nowait": {"max_batch_wait_ms": "0"}, "hff-exit-off": {"early_exit": "off"}}
+    "hff-nowait": {"max_batch_wait_ms": "0"}, "hff-exit-off": {"early_exit": "off"},
+    # every model call on the inference thread, none on the event loop (HFF_INLINE_CALL_MS)
+    "hff-thread": {"inline_call_ms": "0"}}
 
 
 class Peer:

@@ -256,7 +256,7 @@ def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
 def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     async def go():
         runtime = HoldingRuntime(held={99})
-        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000)
+        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000, scheduling="stage")
         b.start()
         late = b.submit(rows([1], [3]), THRESHOLDS, True, deadline=time.monotonic() + 0.2)
         quick = b.submit(rows([2], [1]), THRESHOLDS, False)
@@ -278,3 +278,66 @@ def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     assert b.metrics.deadline_misses.labels(outcome="answered")._value.get() == 1
     assert b.metrics.deadline_misses.labels(outcome="refused")._value.get() == 1
     assert b._in_flight == 0
+
+
+def test_survivors_point_into_the_stage_output_and_are_gathered_once_in_order():
+    """Segments that select rows of a shared output (no copy) and segments of their own rows,
+    split and screened, join into one stage input holding exactly their rows, in order."""
+    from app.batcher import Segment, stage_input
+
+    out = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)  # a stage's output, 6 rows
+    job = object()
+    lazy = Segment([job] * 6, np.arange(6), out, None).select(
+        np.array([True, False, True, True, False, True]), lambda f, n: f)
+    assert lazy.source is out and lazy.index.tolist() == [0, 2, 3, 5]  # nothing copied
+    head, tail = lazy.select(slice(None, 3), None), lazy.select(slice(3, None), None)
+    own = Segment([job] * 2, np.arange(2), np.full((2, 2), -1, dtype=np.float32), None)
+    joined = stage_input([tail, own, head], lambda f, n: f)
+    assert joined.tolist() == [out[5].tolist(), [-1, -1], [-1, -1], out[0].tolist(),
+                               out[2].tolist(), out[3].tolist()]
+    assert stage_input([own], None) is own.source  # a lone whole segment passes through
+    assert stage_input([head], None).tolist() == out[[0, 2, 3]].tolist()
+
+
+class ThreadRecordingRuntime(ScriptedRuntime):
+    """ScriptedRuntime that records the thread of every stage call; its calls cost `cpu`
+    seconds of busy CPU (so the batcher's CPU measure sees them)."""
+
+    def __init__(self, cpu: float):
+        super().__init__()
+        self.cpu = cpu
+        self.threads: list[str] = []
+
+    def run_stage(self, k: int, x: np.ndarray, rows: int) -> StageOutput:
+        self.threads.append(threading.current_thread().name)
+        end = time.thread_time() + self.cpu
+        while time.thread_time() < end:
+            pass
+        return super().run_stage(k, x, rows)
+
+
+@pytest.mark.parametrize("inline_below_ms, call_cpu, expected", [
+    (50.0, 0.0, "the loop"),  # a cheap call runs where the batch is
+    (0.0, 0.0, "the thread"),  # inline off: always the inference thread
+    (1.0, 0.01, "the thread"),  # a call above the bound moves to the thread after the first
+])
+def test_small_model_calls_run_on_the_event_loop_and_large_ones_on_the_thread(
+        inline_below_ms, call_cpu, expected):
+    async def go():
+        runtime = ThreadRecordingRuntime(call_cpu)
+        b = Batcher(runtime, model_metrics(), max_batch_size=4, max_wait_ms=0,
+                    inline_below_ms=inline_below_ms)
+        b.start()
+        for i in range(4):  # one after another: each its own stage-1 call
+            job = b.submit(rows([i], [1]), THRESHOLDS, return_blocks=False)
+            await asyncio.wait_for(job.future, 5)
+            assert job.exit_block.tolist() == [1]
+        await b.stop()
+        return runtime.threads, threading.current_thread().name
+
+    threads, loop_thread = run(go())
+    later = threads[1:]  # the first call of a stage is measured where the bound sends it
+    if expected == "the loop":
+        assert set(threads) == {loop_thread}
+    else:
+        assert later and all(t.startswith("hff-infer") for t in later), threads
