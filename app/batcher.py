@@ -6,22 +6,25 @@ confidence reaches their threshold are answered at once and the others join the 
 queue with the features the stage produced. One worker thread runs one stage at a time; between
 calls the scheduler (on the event loop, which owns every queue) picks the stage to run next:
 
-  - `stage` (default): the deepest stage holding a full batch (max_batch_size rows), else
+  - `batch` (default; run-to-the-end, the classic batcher): always the deepest non-empty
+    stage, so a batch's survivors run to the last block before stage 1 takes new rows.
+  - `stage`: the deepest stage holding a full batch (max_batch_size rows), else
     the deepest non-empty stage; but a deeper stage whose oldest row has waited there longer
     than the batch window plus one pass of the network (the recent time of a stage call x the
     number of blocks) goes before a full batch, the deepest such. (An age rule that applied
     to every stage, stage 1 included, let new rows in stage 1 overtake the survivors at every
-    block, with the same result as fullest-first below.) Full batches first is what raises throughput at
-    saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
+    block, with the same result as fullest-first below.) Full batches first is meant to raise
+    throughput at saturation: the rows that leave early make room in stage 1 for new arrivals at once, and
     the survivors of several stage-1 batches fill one batch of stage 2 instead of each running
     as a small remnant; the age bound keeps survivors from starving behind a stage 1 that is
     always full. Without a full batch anywhere the survivors go first, as run-to-the-end: a
     fullest-first rule there (tried) made survivors wait at every stage for a queue to become
     the fullest, which under open-loop load added the patience once per block (p50 14 ms
     against 5 ms at half capacity) and, past capacity, let the latency and the 429s feed each
-    other until goodput collapsed.
-  - `batch` (run-to-the-end, the classic batcher): always the deepest non-empty stage, so a
-    batch's survivors run to the last block before stage 1 takes new rows.
+    other until goodput collapsed. On the CPU the fuller batches buy nothing (onnxruntime's
+    cost per row is flat from batch 8 up) and the stage-level server measured 0.88-0.94x
+    run-to-the-end's throughput at saturation, hence the default (README, "Overload
+    benchmark").
 
 When stage 1 would run a partial batch and no other stage has work, it waits for more rows
 under load only (the batch is not a lone row and the last one was not either), until its
@@ -124,17 +127,59 @@ class Job:
 
 @dataclass(eq=False)
 class Segment:
-    """Rows waiting for one stage, in request order: rows of one job are contiguous."""
+    """Rows waiting for one stage, in request order: rows of one job are contiguous.
+
+    Survivors of a stage keep pointing into the stage's output (`source` + `index`) instead of
+    being copied out of it: when the next stage's batch joins several segments, their rows are
+    gathered once, straight into its input (a copy on leaving the stage and another on joining
+    was the stage-level scheduler's extra cost against run-to-the-end)."""
 
     jobs: list[Job]  # per row: its request
     rows: np.ndarray  # per row: its position in the request
-    features: Any  # (n, ...) the stage's input: images for stage 1, then the last features
+    source: Any  # the stage's input rows: images for stage 1, then the last stage's features
     probs: np.ndarray | None  # (n, num_classes) the last block's output; None before block 1
     entered: float = field(default_factory=time.monotonic)  # joined this stage's queue
+    index: np.ndarray | None = None  # which rows of `source` (a host array) are this segment's;
+    #                                  None: its first `size` rows (a device value may hold more)
 
     @property
     def size(self) -> int:
         return len(self.rows)
+
+    def _with(self, keep: slice | np.ndarray, index: np.ndarray | None, source: Any) -> Segment:
+        jobs = self.jobs[keep] if isinstance(keep, slice) else \
+            [j for j, k in zip(self.jobs, keep, strict=True) if k]
+        return Segment(jobs, self.rows[keep], source,
+                       None if self.probs is None else self.probs[keep], self.entered, index)
+
+    def select(self, keep: slice | np.ndarray, to_host) -> Segment:
+        """The rows `keep` picks (a slice or a boolean mask), without copying features."""
+        if self.index is not None:
+            return self._with(keep, self.index[keep], self.source)
+        if isinstance(keep, slice):  # a view of host rows, or of the device value's copy
+            return self._with(keep, None, to_host(self.source, self.size)[keep])
+        return self._with(keep, np.flatnonzero(keep), to_host(self.source, self.size))
+
+
+def stage_input(segments: list[Segment], to_host) -> Any:
+    """The segments' rows as one array (their features gathered in one copy); a lone segment
+    of whole rows passes through as it is (a device value stays on the device)."""
+    first = segments[0]
+    if len(segments) == 1 and first.index is None:
+        return first.source
+    if len(segments) == 1:
+        return np.take(first.source, first.index, axis=0)
+    sources = [s.source if s.index is not None else to_host(s.source, s.size) for s in segments]
+    out = np.empty((sum(s.size for s in segments), *sources[0].shape[1:]), sources[0].dtype)
+    start = 0
+    for seg, source in zip(segments, sources, strict=True):
+        stop = start + seg.size
+        if seg.index is None:
+            out[start:stop] = source[:seg.size]
+        else:
+            np.take(source, seg.index, axis=0, out=out[start:stop])
+        start = stop
+    return out
 
 
 def on_thread_clock(fn, *args) -> tuple[Any, float]:
@@ -160,7 +205,7 @@ class Batcher:
 
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, queue_bound: int = 4096,
-                 scheduling: Scheduling = "stage", controller: LoadController | None = None,
+                 scheduling: Scheduling = "batch", controller: LoadController | None = None,
                  inline_below_ms: float = 0.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
@@ -260,6 +305,10 @@ class Batcher:
     def _host(self, features: Any, rows: int) -> np.ndarray:
         return features if isinstance(features, np.ndarray) else self.runtime.to_host(features, rows)
 
+    def _stage_call(self, stage: int, batch: list[Segment], rows: int) -> Any:
+        """On the inference thread: gather the batch's input, then run the stage on it."""
+        return self.runtime.run_stage(stage, stage_input(batch, self._host), rows)
+
     def _take(self, stage: int, limit: int) -> list[Segment]:
         """Up to `limit` rows from the head of a stage's queue, in order; a segment larger than
         what is left is split (its first rows go now)."""
@@ -270,11 +319,8 @@ class Batcher:
                 queue.pop(0)
                 piece = seg
             else:
-                features = self._host(seg.features, seg.size)
-                piece = Segment(seg.jobs[:limit], seg.rows[:limit], features[:limit],
-                                None if seg.probs is None else seg.probs[:limit], seg.entered)
-                queue[0] = Segment(seg.jobs[limit:], seg.rows[limit:], features[limit:],
-                                   None if seg.probs is None else seg.probs[limit:], seg.entered)
+                piece = seg.select(slice(None, limit), self._host)
+                queue[0] = seg.select(slice(limit, None), self._host)
             self._queued[stage] -= piece.size
             limit -= piece.size
             if stage == 0:
@@ -311,9 +357,7 @@ class Batcher:
             return seg
         if not keep.any():
             return None
-        features = self._host(seg.features, seg.size)[keep]
-        return Segment([j for j, k in zip(seg.jobs, keep, strict=True) if k], seg.rows[keep],
-                       features, None if seg.probs is None else seg.probs[keep], seg.entered)
+        return seg.select(keep, self._host)
 
     # --- scheduling ------------------------------------------------------------------------
 
@@ -424,16 +468,14 @@ class Batcher:
                 batch = [s for s in batch if s not in off]
                 started = time.monotonic()
                 per_block, cpu = await self._call(
-                    -1, self.runtime.run_full, np.concatenate([s.features for s in off]))
+                    -1, self.runtime.run_full, stage_input(off, self._host))
                 self._ran(time.monotonic() - started, cpu)
                 self._answer_full(off, per_block)
             if not batch:
                 return
         rows = sum(s.size for s in batch)
-        features = batch[0].features if len(batch) == 1 else np.concatenate(
-            [self._host(s.features, s.size) for s in batch])
         started = time.monotonic()
-        out, cpu = await self._call(stage, self.runtime.run_stage, stage, features, rows)
+        out, cpu = await self._call(stage, self._stage_call, stage, batch, rows)
         seconds = time.monotonic() - started
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
         self._ran(seconds, cpu)
@@ -511,9 +553,16 @@ class Batcher:
         if last or exits.all():
             return
         keep = ~exits
-        survivors = self.runtime.select_rows(out.features, keep, len(rows))
-        self._push(stage + 1, Segment([j for j, k in zip(jobs, keep, strict=True) if k],
-                                      rows[keep], survivors, probs[keep]))
+        kept = [j for j, k in zip(jobs, keep, strict=True) if k]
+        if isinstance(out.features, np.ndarray) and 2 * len(kept) >= len(rows):
+            # most rows go on: point into the output and gather them with the next stage's input
+            # (fewer would pin a whole output for a few rows: copy those out now)
+            self._push(stage + 1, Segment(kept, rows[keep], out.features, probs[keep],
+                                          index=np.flatnonzero(keep)))
+        else:
+            self._push(stage + 1, Segment(kept, rows[keep],
+                                          self.runtime.select_rows(out.features, keep, len(rows)),
+                                          probs[keep]))
 
     # --- delivery (event loop) -------------------------------------------------------------
 

@@ -4,7 +4,8 @@ The manifest lists operating points from the calibrated one (index 0) to ever ch
 With a latency target (HFF_LATENCY_TARGET_MS) the controller estimates how long the rows queued
 now will wait, the larger of the oldest queued row's age (since its request arrived, so time spent
 waiting for admission counts) and queued rows / capacity (rows answered per second of inference;
-it sees a burst before its rows have aged), and moves:
+it sees a burst before its rows have aged), smoothed over `smoothing_s` (an exponential average
+in time; default half the target), and moves:
   - one point cheaper when that estimate passes `high` x target (a quarter of it: before the
     admission queue, which waits up to HFF_QUEUE_WAIT_S, starts refusing), at most once per
     `down_dwell_s` (so a move has time to show before the next one);
@@ -13,7 +14,11 @@ it sees a burst before its rows have aged), and moves:
     share now x the two points' compute fractions): one point per `climb_dwell_s`, so a server
     that stepped down in a burst is back at the calibrated point within a second of the burst.
     A manifest without compute fractions climbs one point per `up_dwell_s` of calm instead.
-The gap between the bounds is the hysteresis: a load the dearer point could not carry with room
+The smoothing keeps one long stage call from moving the point: the oldest row's age peaks at
+about the length of the call it waits behind (a 64-row stage of cifar-cnn takes 15-40 ms on a
+shared core), which passed a quarter of a 100 ms target at half the capacity, while a real
+overload keeps the estimate up and gets through within milliseconds of a large burst (a backlog
+worth half a second passes a quarter of a 100 ms target within 3 ms). The gap between the bounds is the hysteresis: a load the dearer point could not carry with room
 to spare keeps the cheaper point however calm the queue looks, and a load between `low` and
 `high` keeps whatever point it has. The first `warmup_batches` stage calls make no moves: a cold
 server (first runs of each batch size, connections being opened) queues for reasons that more
@@ -50,7 +55,7 @@ class LoadController:
                  min_accuracy: float | None = None, high: float = 0.25, low: float = 0.1,
                  down_dwell_s: float | None = None, up_dwell_s: float = 1.0,
                  climb_dwell_s: float = 0.25, climb_utilization: float = 0.85,
-                 warmup_batches: int = 32):
+                 warmup_batches: int = 32, smoothing_s: float | None = None):
         if not points:
             raise ValueError("at least one operating point is needed (the calibrated one)")
         calibrated = points[0].expected_accuracy
@@ -76,6 +81,9 @@ class LoadController:
         self.climb_dwell = climb_dwell_s
         self.climb_utilization = climb_utilization
         self.warmup_batches = warmup_batches
+        self.smoothing = smoothing_s if smoothing_s is not None else (self.target or 0.1) / 2
+        self.delay = 0.0  # the smoothed estimate of how long queued rows will wait, seconds
+        self._last_update: float | None = None
         self.index = 0
         self.moves = 0
         self.batches = 0  # stage calls seen (the warm-up counts them)
@@ -153,7 +161,7 @@ class LoadController:
         if self.warming_up:
             return self.index
         backlog = queued_rows / self._rate if self._rate > 0 else 0.0
-        delay = max(oldest_age, backlog)
+        delay = self._smooth(now, max(oldest_age, backlog))
         if delay > self.high * self.target:
             self._calm_since = None
             if self.index + 1 < len(self.points) and now - self._last_move >= self.down_dwell:
@@ -166,6 +174,16 @@ class LoadController:
         else:
             self._calm_since = None
         return self.index
+
+    def _smooth(self, now: float, delay: float) -> float:
+        """The delay estimate averaged exponentially over the last `smoothing` seconds."""
+        if self._last_update is None or self.smoothing <= 0:
+            self.delay = delay
+        else:
+            weight = 1.0 - math.exp(-max(0.0, now - self._last_update) / self.smoothing)
+            self.delay += weight * (delay - self.delay)
+        self._last_update = now
+        return self.delay
 
     def _can_climb(self, now: float) -> bool:
         assert self._calm_since is not None

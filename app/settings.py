@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     # The load controller never uses a point whose accuracy lower bound (on val) is below this;
     # unset: the calibrated expected accuracy - 0.02
     MIN_ACCURACY: float | None = Field(None, ge=0.0, le=1.0)
-    SCHEDULING: Literal["stage", "batch"] = "stage"  # stage-level queues, or run-to-the-end
+    # run-to-the-end (faster at saturation on CPU: README, "Overload benchmark"), or stage queues
+    SCHEDULING: Literal["stage", "batch"] = "batch"
     API_KEY: SecretStr | None = None  # when set, predict/model routes need X-API-Key or Bearer
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
     # the HTTP server: uvicorn, or granian (the granian extra; Rust HTTP and the RSGI interface)

@@ -88,10 +88,12 @@ def _epochs_done(out: Path) -> int:
     return max(0, len(csv.read_text().splitlines()) - 1) if csv.is_file() else 0
 
 
-def train_memory(preset: str, launcher: str) -> str:
-    """bench/train_memory.py's ratio line for `preset` at batch 256 (fresh processes)."""
+def train_memory(preset: str, launcher: str, precision: str) -> str:
+    """bench/train_memory.py's ratio line for `preset` at batch 256 (fresh processes), in the
+    runs' precision."""
     cmd = [*shlex.split(launcher), sys.executable, str(ROOT / "bench" / "train_memory.py"),
-           "--preset", preset, "--batch-size", "256", "--steps", "3", "--repeats", "3"]
+           "--preset", preset, "--batch-size", "256", "--steps", "3", "--repeats", "3",
+           "--precision", precision]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return proc.stdout.strip().splitlines()[-1]
 
@@ -158,7 +160,8 @@ def ff_table(by_variant: dict[str, list[dict]]) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--preset", default="fmnist-cnn", help="headline preset (HFF and backprop)")
+    p.add_argument("--preset", default="fmnist-vgg",
+                   help="headline preset (HFF and backprop; default: the data set's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="HFF and backprop epochs (default: the data set's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
@@ -188,8 +191,10 @@ def main() -> int:
     train_images = len(load_dataset("fashion-mnist", args.data_dir).train)
     first = Path(args.work) / f"{slug('HFF (local)')}-s{args.seeds[0]}" / "config.json"
     train = json.loads(first.read_text())["train"]  # the recipe the runs recorded
+    train.setdefault("precision", "auto")  # runs from before the field
     recipe = ", ".join(f"{k} {train[k]}" for k in ("epochs", "batch_size", "lr", "weight_decay",
-                                                    "erasing", "label_smoothing", "memory_format"))
+                                                    "erasing", "label_smoothing", "memory_format",
+                                                    "precision"))
     print(f"\nFashion-MNIST ({train_images:,} training images), {args.preset}, {recipe}, "
           f"seeds {args.seeds}; "
           f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
@@ -198,7 +203,7 @@ def main() -> int:
     accs = {v: statistics.mean(m["final_test_accuracy"] for m in runs) for v, runs in headline.items()}
     print(f"HFF - backprop: {(accs['HFF (local)'] - accs['backprop']) * 100:+.2f} points")
     if not args.no_memory:
-        line = train_memory(args.preset, args.launcher)
+        line = train_memory(args.preset, args.launcher, train["precision"])
         print(f"peak training memory, batch 256 ({args.preset}): {line}")
         match = re.search(r"training memory ([0-9.]+)", line)
         if match:

@@ -2,11 +2,12 @@
 
 Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
     python bench/overload.py saturate --model models/digits32            # capacity, both schedulers
+    python bench/overload.py points --model models/digits32    # what each operating point can buy
     python bench/overload.py sweep --model models/digits32 --capacity 900 \\
         --loads 0.5 1 1.5 2 3 --results docs/overload.json           # appends rows, prints them
     python bench/overload.py plot --results docs/overload.json --out docs/overload.png
 
-Three server configurations, the same in everything else (one onnxruntime thread, max batch 64,
+Four server configurations, the same in everything else (one onnxruntime thread, max batch 64,
 the admission queue sized to the latency target so that no configuration queues for seconds:
 capacity x half the target in rows, a request waits at most a quarter of the target for room,
 and HFF_MAX_INSTANCES 1, since every request carries one image: admission reserves a body's
@@ -15,13 +16,16 @@ to 192 rows would hold the whole queue, admitting one request at a time):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
-  run-to-the-end, adaptive  HFF_SCHEDULING=batch with the same controller (sweep --configs only)
+  run-to-the-end, adaptive  HFF_SCHEDULING=batch (the default) with the same controller
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
 schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
 Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
 binary tensors) for `--seconds` after a warm-up; latency counts from each request's scheduled
 arrival, so a client that falls behind shows as latency, not as a lighter load. Goodput is the
-answers (200) within the target per second. The server runs on CPU 0 and the load generator on
+answers (200) within the target per second. Every cell is repeated (`--repeats`), the
+configurations interleaved (A B C D A B C D), and the table shows each figure's median and every
+repeat's goodput; `points` measures, per operating point, the inference time per row and
+the capacity it predicts. The server runs on CPU 0 and the load generator on
 CPU 1 where the machine has two.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import sys
@@ -72,6 +77,14 @@ def pin(server: Server, cpu: int) -> None:
     for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
         os.sched_setaffinity(int(tid), {cpus[cpu]})
     os.sched_setaffinity(0, set(cpus) - {cpus[cpu]})
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU seconds the server process has used (all its threads): below 100% of the wall time
+    of a saturation run, its one core was idle part of the time, so the server was not the
+    bottleneck then."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(model: Path, config: str, target_ms: float, queue_rows: int) -> Server:
@@ -140,6 +153,7 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
 
     tasks = set()
     t, i = t_start, 0
+    cpu = time.process_time()
     while t < stop_at:
         t += rng.exponential(1.0 / rate)
         delay = t - time.perf_counter()
@@ -150,6 +164,7 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
         task.add_done_callback(tasks.discard)
         i += 1
     await asyncio.gather(*tasks)
+    client_cpu = (time.process_time() - cpu) / (time.perf_counter() - t_start)
     for conn in idle:
         await conn.close()
     lat = np.array(latencies or [float("nan")]) * 1000
@@ -158,7 +173,99 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
             "p50": float(np.median(lat)), "p99": float(np.percentile(lat, 99)),
             "429": counts.pop(429, 0), "503": counts.pop(503, 0),
             "other": {str(k): v for k, v in counts.items()},
-            "accuracy": correct / max(ok, 1), "mean_exit_block": float(np.mean(blocks or [0]))}
+            "accuracy": correct / max(ok, 1), "mean_exit_block": float(np.mean(blocks or [0])),
+            "client_cpu": client_cpu}
+
+
+def inference_cost(model: Path, seconds: float) -> list[dict]:
+    """Per operating point: the inference thread's CPU seconds per row, in this process (the
+    batcher and onnxruntime, one thread, max batch 64, no HTTP), with 128 rows outstanding."""
+    from app.batcher import Batcher
+    from app.metrics import Metrics
+    from app.runtime import ModelRuntime
+
+    runtime = ModelRuntime(model, threads=1)
+    runtime.warm_up()
+    x, _ = test_images(runtime.manifest.dataset)
+    x = x.astype(np.float32)
+
+    class TimedRuntime:
+        """The runtime, counting the CPU seconds its stage calls take on the calling thread."""
+
+        def __init__(self) -> None:
+            self.busy = 0.0
+
+        def __getattr__(self, name: str):
+            return getattr(runtime, name)
+
+        def run_stage(self, k: int, features, rows: int):
+            started = time.thread_time()
+            try:
+                return runtime.run_stage(k, features, rows)
+            finally:
+                self.busy += time.thread_time() - started
+
+    async def measure(thresholds: np.ndarray) -> float:
+        timed = TimedRuntime()
+        batcher = Batcher(timed, Metrics().for_model("m", "1"), scheduling="batch")  # type: ignore[arg-type]
+        batcher.start()
+        stop_at, rows = time.perf_counter() + seconds, 0
+
+        async def client(i: int) -> None:
+            nonlocal rows
+            while time.perf_counter() < stop_at:
+                await batcher.submit(x[i % len(x)][None], thresholds, False).future
+                rows += 1
+                i += 128
+
+        await asyncio.gather(*(client(i) for i in range(128)))
+        await batcher.stop()
+        return timed.busy / rows
+
+    out = []
+    for i, point in enumerate(runtime.manifest.operating_points):
+        thresholds = np.array([np.inf if t is None else t for t in point.thresholds])
+        out.append({"point": i, "compute_fraction": point.compute_fraction,
+                    "expected_accuracy": point.expected_accuracy,
+                    "accuracy_lower_bound": point.accuracy_lower_bound,
+                    "inference_us": asyncio.run(measure(thresholds)) * 1e6})
+    return out
+
+
+def points(args: argparse.Namespace) -> int:
+    """What a cheaper operating point can buy: a server answers about 1 / (h + i) requests a
+    second, h the CPU time of everything but inference per request (HTTP, decoding, the
+    batcher: measured as the saturated server's CPU per answer minus i at point 0) and i the
+    inference time per row at the point; the ratio of those capacities is the most an
+    adaptive server can gain over a fixed one that holds its own capacity past overload."""
+    manifest, payloads, y = load_inputs(args.model, args.images)
+    costs = inference_cost(args.model, args.seconds)
+    server = start(args.model, CONFIGS[0], args.target_ms, 4096)
+    try:
+        run_loop(closed_loop(server.url, payloads, y, args.outstanding, 1.0, 0.5))
+        cpu, wall = cpu_seconds(server), time.perf_counter()
+        r = run_loop(closed_loop(server.url, payloads, y, args.outstanding, args.seconds, 1.0))
+        share = (cpu_seconds(server) - cpu) / (time.perf_counter() - wall)
+    finally:
+        server.close()
+    per_answer = share / r["throughput"] * 1e6
+    rest = per_answer - costs[0]["inference_us"]
+    print(f"# operating points of {manifest['name']} ({manifest['preset']} on "
+          f"{manifest['dataset']}); {machine()}")
+    print(f"# saturated server (run-to-the-end, point 0): {r['throughput']:.0f} answers/s at "
+          f"{share * 100:.0f}% CPU = {per_answer:.0f} us a request, of which inference "
+          f"{costs[0]['inference_us']:.0f} us ({costs[0]['inference_us'] / per_answer * 100:.0f}%) "
+          f"and the rest (HTTP, decoding, batcher) {rest:.0f} us")
+    print("| point | val accuracy | accuracy lower bound | val compute | inference us/row | "
+          "predicted capacity vs point 0 |")
+    print("|---|---|---|---|---|---|")
+    for c in costs:
+        ratio = (rest + costs[0]["inference_us"]) / (rest + c["inference_us"])
+        bound = c["accuracy_lower_bound"]
+        print(f"| {c['point']} | {c['expected_accuracy'] * 100:.2f}% | "
+              f"{'-' if bound is None else f'{bound * 100:.2f}%'} | "
+              f"{c['compute_fraction'] * 100:.1f}% | {c['inference_us']:.0f} | {ratio:.2f}x |")
+    return 0
 
 
 def machine() -> str:
@@ -194,45 +301,77 @@ def saturate(args: argparse.Namespace) -> int:
             run_loop(closed_loop(s.url, payloads, y, args.outstanding, 1.0, 0.5))
         for _ in range(args.repeats):
             for c, s in servers.items():
-                runs[c].append(run_loop(closed_loop(s.url, payloads, y, args.outstanding,
-                                                    args.seconds, 1.0)))
+                cpu, wall = cpu_seconds(s), time.perf_counter()
+                r = run_loop(closed_loop(s.url, payloads, y, args.outstanding, args.seconds, 1.0))
+                r["server_cpu"] = (cpu_seconds(s) - cpu) / (time.perf_counter() - wall)
+                runs[c].append(r)
     finally:
         for s in servers.values():
             s.close()
     print(f"# saturation, {manifest['name']} ({manifest['preset']} on {manifest['dataset']}), "
           f"{args.outstanding} requests outstanding, {args.seconds:g} s x {args.repeats} "
           f"interleaved repeats; {machine()}")
-    print("| scheduler | images/s (median) | all runs | accuracy |")
-    print("|---|---|---|---|")
+    print("| scheduler | images/s (median) | all runs | server CPU (median) | accuracy |")
+    print("|---|---|---|---|---|")
     for c, r in runs.items():
         tput = [v["throughput"] for v in r]
         print(f"| {c} | {np.median(tput):.0f} | {', '.join(f'{v:.0f}' for v in tput)} | "
+              f"{np.median([v['server_cpu'] for v in r]) * 100:.0f}% | "
               f"{np.mean([v['accuracy'] for v in r]) * 100:.2f}% |")
     return 0
+
+
+def median_row(cells: list[dict]) -> dict:
+    """One configuration at one load over its repeats: the median of each figure (refusals
+    too), with every repeat's own figures kept under "repeats"."""
+    keys = ("goodput", "throughput", "p50", "p99", "accuracy", "mean_exit_block", "429", "503",
+            "client_cpu")
+    row = {k: float(np.median([c[k] for c in cells])) for k in keys}
+    other: dict[str, int] = {}
+    for c in cells:
+        for k, v in c["other"].items():
+            other[k] = other.get(k, 0) + v
+    row.update(offered=cells[0]["offered"], other=other,
+               repeats=[{k: c[k] for k in (*keys, "other")} for c in cells])
+    return row
 
 
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
     # the admission queue holds what the server can answer within half the target
     queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
-    rows = []
-    configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS[:3])
-    for config in configs:
-        server = start(args.model, config, args.target_ms, queue_rows)
-        try:
-            run_loop(open_loop(server.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
-                               args.target_ms / 1000, 0))  # warm-up
+    configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
+    servers = {c: start(args.model, c, args.target_ms, queue_rows) for c in configs}
+    cells: dict[tuple[str, float], list[dict]] = {(c, load): [] for c in configs
+                                                  for load in args.loads}
+    try:
+        for s in servers.values():  # warm-up
+            run_loop(open_loop(s.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
+                               args.target_ms / 1000, 0))
+        # repeats interleaved (A B C A B C): a slow spell of the machine hits every configuration
+        for rep in range(args.repeats):
             for load in args.loads:
-                r = run_loop(open_loop(server.url, payloads, y, args.capacity * load,
-                                       args.seconds, args.warmup, args.target_ms / 1000,
-                                       seed=int(load * 100)))
-                r.update(config=config, load=load, capacity=args.capacity,
-                         target_ms=args.target_ms, queue_rows=queue_rows, machine=machine(),
-                         model=manifest["name"])
-                rows.append(r)
-                print_row(r, flush=True)
-        finally:
-            server.close()
+                for config, s in servers.items():
+                    r = run_loop(open_loop(s.url, payloads, y, args.capacity * load, args.seconds,
+                                           args.warmup, args.target_ms / 1000,
+                                           seed=int(load * 100) + 1000 * rep))
+                    cells[(config, load)].append(r)
+                    print(f"# repeat {rep + 1}, {load:g}x, {config}: goodput {r['goodput']:.0f}/s,"
+                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%",
+                          file=sys.stderr, flush=True)
+    finally:
+        for s in servers.values():
+            s.close()
+    rows = []
+    for (config, load), runs in cells.items():
+        r = median_row(runs)
+        r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
+                 queue_rows=queue_rows, machine=machine(), model=manifest["name"],
+                 seconds=args.seconds)
+        rows.append(r)
+    print(HEADER)
+    for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
+        print_row(r)
     if args.results:
         path = Path(args.results)
         old = json.loads(path.read_text()) if path.is_file() else []
@@ -242,16 +381,18 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-HEADER = ("| load | configuration | offered/s | goodput/s | answered/s | p50 ms | p99 ms | "
-          "429 | 503 | other | accuracy | mean exit block |\n|---|---|---|---|---|---|---|---|---|"
-          "---|---|---|")
+HEADER = ("| load | configuration | offered/s | goodput/s (median) | goodput/s, each repeat | "
+          "answered/s | p50 ms | p99 ms | 429 | 503 | other | accuracy | mean exit block | "
+          "load generator CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     other = ", ".join(f"{k}: {v}" for k, v in r["other"].items()) or "0"
-    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | "
-          f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']} | {r['503']} | "
-          f"{other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} |", flush=flush)
+    each = ", ".join(f"{c['goodput']:.0f}" for c in r.get("repeats", [r]))
+    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
+          f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']:.0f} | "
+          f"{r['503']:.0f} | {other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
+          f"{r.get('client_cpu', math.nan) * 100:.0f}% |", flush=flush)
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -274,10 +415,13 @@ def plot(args: argparse.Namespace) -> int:
         if not mine:
             continue
         loads = [r["load"] for r in mine]
-        ax1.plot(loads, [r["goodput"] for r in mine], style, label=config)
-        ax2.plot(loads, [r["accuracy"] * 100 for r in mine], style, label=config)
+        for ax, key, scale in ((ax1, "goodput", 1), (ax2, "accuracy", 100)):
+            mid = np.array([r[key] * scale for r in mine])
+            each = [[c[key] * scale for c in r.get("repeats", [r])] for r in mine]
+            spread = [mid - [min(e) for e in each], [max(e) for e in each] - mid]
+            ax.errorbar(loads, mid, yerr=spread, fmt=style, capsize=3, label=config)
     ax1.set_xlabel("offered load (x capacity)")
-    ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s)")
+    ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s),\nmedian and range")
     ax2.set_xlabel("offered load (x capacity)")
     ax2.set_ylabel("accuracy of the answers (%)")
     for ax in (ax1, ax2):
@@ -294,14 +438,15 @@ def plot(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("saturate", "sweep"):
+    for name in ("saturate", "sweep", "points"):
         s = sub.add_parser(name)
         s.add_argument("--model", type=Path, default=REPO / "models/digits32")
         s.add_argument("--target-ms", type=float, default=100.0)
         s.add_argument("--seconds", type=float, default=6.0)
         s.add_argument("--images", type=int, default=2000, help="test images cycled through")
+    for name in ("saturate", "points"):
+        sub.choices[name].add_argument("--outstanding", type=int, default=128)
     sat = sub.choices["saturate"]
-    sat.add_argument("--outstanding", type=int, default=128)
     sat.add_argument("--repeats", type=int, default=3)
     sat.add_argument("--baseline-repo", type=Path, default=None,
                      help="a checkout of the code before issue 14 (git worktree add DIR da15f04): "
@@ -311,6 +456,8 @@ def main() -> int:
     sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
     sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
     sw.add_argument("--warmup", type=float, default=2.0)
+    sw.add_argument("--repeats", type=int, default=3,
+                    help="interleaved repeats of every cell; the table shows their median")
     sw.add_argument("--results", default=None, help="JSON file the rows are merged into")
     pl = sub.add_parser("plot")
     pl.add_argument("--results", required=True)
@@ -318,7 +465,8 @@ def main() -> int:
     args = p.parse_args()
     if getattr(args, "model", None) is not None:
         args.model = args.model.resolve()  # servers may run from another checkout's dir
-    return {"saturate": saturate, "sweep": sweep, "plot": plot}[args.command](args)
+    return {"saturate": saturate, "sweep": sweep, "points": points,
+            "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model_cfg = preset_config(args.preset)
     config = make_run_config(model_cfg, "synthetic", None, 0,
-                             TrainConfig(objective=args.objective, batch_size=args.batch_size))
+                             TrainConfig(objective=args.objective, batch_size=args.batch_size,
+                                         precision=args.precision))
     model = build_model(model_cfg).to(device)
     channels_last = args.layout == "channels-last"  # the trainer's default
     if channels_last:
@@ -73,7 +74,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     def step(i: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
+        with autocast(device, args.precision):
             objective.train_step(model, xs[i % n_batches], ys[i % n_batches])
         optimizer.step()
 
@@ -104,6 +105,7 @@ def worker(args: argparse.Namespace) -> dict:
         "images_per_s": args.steps * args.batch_size / elapsed,
         "threads": torch.get_num_threads(),
         "channels_last": channels_last,
+        "precision": args.precision,
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "params": sum(p.numel() for p in model.parameters()),
@@ -116,7 +118,7 @@ def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | N
     cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, "--threads", str(threads),
-           "--layout", layout or args.layout]
+           "--layout", layout or args.layout, "--precision", args.precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
@@ -151,6 +153,9 @@ def main() -> None:
     p.add_argument("--layout", default="channels-last", choices=LAYOUTS,
                    help="memory layout of the network and batches (the trainer's default: "
                         "channels-last)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="the training step's arithmetic, as hff-train's --precision (auto: bf16 "
+                        "on CUDA, fp32 on the CPU)")
     p.add_argument("--sweep", action="store_true",
                    help="first, one process per objective at 1 and all threads, contiguous and "
                         "channels-last, to show each objective's fastest setting")
@@ -175,7 +180,8 @@ def main() -> None:
           f"{os.cpu_count()} cpus, torch {first['torch']} ({first['threads']} threads), "
           f"python {platform.python_version()}, {first['params']:,} parameters")
     print(f"# memory: {kind}; training = peak - before the first step (median over processes); "
-          f"layout {'channels-last' if first['channels_last'] else 'contiguous'}")
+          f"layout {'channels-last' if first['channels_last'] else 'contiguous'}, "
+          f"precision {first['precision']}")
     header = f"{'objective':<10} {'peak MiB':>9} {'before MiB':>10} {'training MiB':>12} {'images/s':>9}"
     print(header)
     print("-" * len(header))

@@ -33,7 +33,8 @@ PROG = "hff-train"
 # The flags that set config fields, by field; type, choices, default and help come from the field.
 TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
                "weight_decay": "--weight-decay", "memory_format": "--memory-format",
-               "erasing": "--erasing", "label_smoothing": "--label-smoothing"}
+               "erasing": "--erasing", "label_smoothing": "--label-smoothing",
+               "precision": "--precision"}
 MODEL_FLAGS = {"margin": "--margin", "prototypes_per_class": "--prototypes-per-class"}
 FF_MODEL_FLAGS = {"goodness": "--ff-goodness", "threshold": "--ff-threshold",
                   "label_embedding": "--ff-embedding", "score_blocks": "--ff-score-blocks"}

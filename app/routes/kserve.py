@@ -145,8 +145,10 @@ def decode_infer(header: bytes, binary: bytes, service: Service) -> tuple[V2Infe
 def infer_response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
+    # the v2 protocol echoes a request's id and has none to echo otherwise (its type is a string)
+    echo = {} if req.id is None else {"id": req.id}
     return {
-        "model_name": service.name, "model_version": service.version, "id": req.id,
+        "model_name": service.name, "model_version": service.version, **echo,
         "outputs": [
             {"name": "probabilities", "shape": [n, classes], "datatype": "FP32",
              "data": job.probs.reshape(-1).tolist()},  # (N, C) -> flat, row-major

@@ -24,7 +24,7 @@ POINTS = [OperatingPoint(thresholds=[t, t], expected_accuracy=a, compute_fractio
 def test_without_compute_fractions_it_moves_down_with_a_dwell_up_after_calm_and_stays_between():
     blind = [p.model_copy(update={"compute_fraction": None}) for p in POINTS]
     c = LoadController(blind, target_ms=100, high=0.5, low=0.15, down_dwell_s=0.05,
-                       up_dwell_s=1.0, warmup_batches=0)
+                       up_dwell_s=1.0, warmup_batches=0, smoothing_s=0)
     assert c.enabled and c.min_accuracy == pytest.approx(0.95)
     assert len(c.points) == 3  # point 3 (0.90) is under the default floor (0.97 - 0.02)
     assert c.update(0.0, 0, 0.06) == 1  # the oldest row waited over half the target: cheaper
@@ -43,7 +43,7 @@ def test_without_compute_fractions_it_moves_down_with_a_dwell_up_after_calm_and_
 
 
 def test_a_backlog_counts_before_its_rows_have_aged():
-    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0)
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0, smoothing_s=0)
     for _ in range(10):  # 1000 rows per second of inference
         c.ran(0.1)
         c.answered(100)
@@ -69,7 +69,7 @@ def busy(c: LoadController, start: float, stop: float, share: float, step: float
 
 
 def test_no_moves_while_warming_up():
-    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=5)
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=5, smoothing_s=0)
     for i in range(5):
         assert c.update(i * 0.1, 0, 1.0) == 0  # a cold server's queue: not a reason to degrade
         c.ran(0.01)
@@ -78,7 +78,7 @@ def test_no_moves_while_warming_up():
 
 
 def test_climbs_back_fast_when_the_dearer_point_has_room_and_not_when_it_would_not():
-    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0)
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0, smoothing_s=0)
     for t in (0.0, 0.01):
         c.update(t, 0, 1.0)
     assert c.index == 2
@@ -95,6 +95,28 @@ def test_climbs_back_fast_when_the_dearer_point_has_room_and_not_when_it_would_n
     assert c.index == 2
     busy(c, 1.02, 4.0, share=0.7)
     assert c.index == 2
+
+
+def test_one_long_stage_call_does_not_move_it_but_a_sustained_queue_does():
+    """At half capacity the oldest row's age peaks at the length of the stage call it waits
+    behind (30 ms here, over a quarter of the 100 ms target) and is back to a few ms after it:
+    the smoothed estimate stays under the bound. A queue that stays at 40 ms moves it down
+    within a few updates, and a large burst at the first look."""
+    c = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0)
+    assert c.smoothing == pytest.approx(0.05)  # half the target
+    t = 0.0
+    for _ in range(50):  # each period: 5 ms waits, then a 30 ms call with a row waiting 30 ms
+        for age in (0.005, 0.005, 0.03):
+            t += 0.01 if age < 0.03 else 0.03
+            assert c.update(t, 0, age) == 0
+    looks = 0
+    while c.index == 0 and looks < 20:  # sustained: every look, 10 ms apart, sees 40 ms
+        looks += 1
+        c.update(t + 0.01 * looks, 0, 0.04)
+    assert c.index == 1 and looks <= 6
+    burst = LoadController(POINTS, target_ms=100, down_dwell_s=0.0, warmup_batches=0)
+    burst.update(0.0, 0, 0.002)
+    assert burst.update(0.01, 0, 0.5) == 1  # half a second of queue: over 25 ms at once
 
 
 def test_the_floor_is_checked_against_the_accuracy_lower_bound():

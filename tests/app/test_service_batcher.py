@@ -256,7 +256,7 @@ def test_stage_level_scheduling_runs_later_stages_at_fuller_batches():
 def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     async def go():
         runtime = HoldingRuntime(held={99})
-        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000)
+        b = Batcher(runtime, model_metrics(), max_batch_size=2, max_wait_ms=1000, scheduling="stage")
         b.start()
         late = b.submit(rows([1], [3]), THRESHOLDS, True, deadline=time.monotonic() + 0.2)
         quick = b.submit(rows([2], [1]), THRESHOLDS, False)
@@ -278,6 +278,25 @@ def test_a_deadline_that_passed_answers_from_the_block_reached_or_refuses():
     assert b.metrics.deadline_misses.labels(outcome="answered")._value.get() == 1
     assert b.metrics.deadline_misses.labels(outcome="refused")._value.get() == 1
     assert b._in_flight == 0
+
+
+def test_survivors_point_into_the_stage_output_and_are_gathered_once_in_order():
+    """Segments that select rows of a shared output (no copy) and segments of their own rows,
+    split and screened, join into one stage input holding exactly their rows, in order."""
+    from app.batcher import Segment, stage_input
+
+    out = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)  # a stage's output, 6 rows
+    job = object()
+    lazy = Segment([job] * 6, np.arange(6), out, None).select(
+        np.array([True, False, True, True, False, True]), lambda f, n: f)
+    assert lazy.source is out and lazy.index.tolist() == [0, 2, 3, 5]  # nothing copied
+    head, tail = lazy.select(slice(None, 3), None), lazy.select(slice(3, None), None)
+    own = Segment([job] * 2, np.arange(2), np.full((2, 2), -1, dtype=np.float32), None)
+    joined = stage_input([tail, own, head], lambda f, n: f)
+    assert joined.tolist() == [out[5].tolist(), [-1, -1], [-1, -1], out[0].tolist(),
+                               out[2].tolist(), out[3].tolist()]
+    assert stage_input([own], None) is own.source  # a lone whole segment passes through
+    assert stage_input([head], None).tolist() == out[[0, 2, 3]].tolist()
 
 
 class ThreadRecordingRuntime(ScriptedRuntime):

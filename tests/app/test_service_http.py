@@ -187,6 +187,7 @@ def test_kserve_v2_binary_tensor_data(client, ref, digits_test_split):
     r = client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
+    assert "id" not in r.json()  # no id sent, none echoed (not a null where v2 says string)
     probs = np.array(out["probabilities"]["data"]).reshape(5, 10)
     np.testing.assert_allclose(probs, ref.full_probs(x), atol=1e-5)
 
@@ -238,7 +239,7 @@ def test_models_route_describes_the_model(client, ref):
     ee, points = info["early_exit"], m["early_exit"]["operating_points"]
     assert ee["default_mode"] == "auto" and ee["thresholds"] == m["early_exit"]["thresholds"]
     assert ee["current_point"] == 0 and ee["latency_target_ms"] is None
-    assert ee["scheduling"] == "stage"
+    assert ee["scheduling"] == "batch"
     floor = points[0]["expected_accuracy"] - 0.02  # the default HFF_MIN_ACCURACY
     assert ee["min_accuracy"] == pytest.approx(floor)
     usable = [p for p in points if p["expected_accuracy"] >= floor]

@@ -118,7 +118,7 @@ def test_deadlines_answer_from_the_block_reached_or_refuse_with_503(server, api_
 def test_sigterm_drain_answers_every_accepted_row_with_stage_level_scheduling(
         digits_model_dir, digits_test_split, tmp_path):
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", max_batch_size=4,
-                        max_batch_wait_ms=0, threads=1, latency_target_ms=5)
+                        max_batch_wait_ms=0, threads=1, latency_target_ms=5, scheduling="stage")
     x = digits_test_split[0][:64]
     _, results = sigterm_under_load(srv, {"instances": x.tolist()}, requests=24, rows_in_flight=63)
     ok = assert_drained(srv, results)

@@ -97,13 +97,15 @@ def test_block_macs_follow_the_formula():
     assert mlp.training
 
 
-def test_fmnist_cnn_graphs_match_torch(tmp_path):
-    """The Fashion-MNIST preset (4 blocks, 28 -> 14 -> 7 -> 7 -> 3) exports whole and in stages,
+@pytest.mark.parametrize(("preset", "max_macs"), [("fmnist-cnn", 20_000_000),
+                                                  ("fmnist-vgg", 50_000_000)])
+def test_fmnist_graphs_match_torch(tmp_path, preset, max_macs):
+    """The Fashion-MNIST presets (4 blocks, 28 -> 14 -> 7 -> 7 -> 3) export whole and in stages,
     and onnxruntime gives torch's probabilities at batch 1 and 5; MACs per block as documented."""
     from contract.model_dir import FULL_GRAPH, STAGE_OUTPUTS, full_graph_outputs, stage_file
     from training.data import FASHION_CLASSES
 
-    cfg = preset_config("fmnist-cnn", class_names=FASHION_CLASSES)
+    cfg = preset_config(preset, class_names=FASHION_CLASSES)
     torch.manual_seed(0)
     net = HFFNet(cfg).eval()
     full = onnx_graphs.FullGraph(net).eval()
@@ -121,7 +123,7 @@ def test_fmnist_cnn_graphs_match_torch(tmp_path):
     assert onnx_verify.verify_parity(full, tmp_path, cfg.num_blocks, cfg.input_shape,
                                      batches=(1, 5)) <= onnx_verify.PARITY_ATOL
     macs = onnx_graphs.block_macs(net, cfg.input_shape)
-    assert macs[-1] > macs[0] and sum(macs) < 20_000_000  # the cheap 28x28 block, ~18 M in all
+    assert macs[-1] > macs[0] and sum(macs) < max_macs  # the cheap 28x28 block first
 
 
 @pytest.mark.parametrize("opset", ["17", "99"])

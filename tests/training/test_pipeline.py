@@ -63,11 +63,12 @@ def test_erasing_replaces_one_rectangle_in_the_chosen_share_of_images():
     assert torch.equal(out, random_erasing(x, torch.Generator().manual_seed(0), p=0.5))
 
 
-def _trainer(tmp_path, data, num_workers=0, epochs=1, augment=True):
+def _trainer(tmp_path, data, num_workers=0, epochs=1, augment=True, **train):
     model = preset_config("test-tiny", input_shape=data.input_shape, class_names=data.class_names,
                           input_mean=data.mean, input_std=data.std)
     config = make_run_config(model, "digits", None, seed=3,
-                             train=TrainConfig(epochs=epochs, batch_size=128, augment=augment))
+                             train=TrainConfig(epochs=epochs, batch_size=128, augment=augment,
+                                               **train))
     return Trainer(config, data, tmp_path, progress=False, num_workers=num_workers)
 
 
@@ -112,18 +113,37 @@ def test_workers_do_not_change_the_run(tmp_path):
         assert torch.equal(tensor, weights[1][name]), name
 
 
-@pytest.mark.slow
-def test_cuda_step_settings_on_cpu_keep_the_checkpoint_portable(tmp_path, monkeypatch):
-    """The CUDA path's bf16 autocast, with the default channels-last layout, exercised on the CPU
-    (no GPU in CI): the epoch runs, metrics are float32, and the checkpoint loads into a plain
-    model."""
-    from model.checkpoint import load_checkpoint
-    from training import trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "autocast",
-                        lambda device: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+@pytest.mark.parametrize(("precision", "bf16_step"), [("bf16", True), ("fp32", False),
+                                                      ("auto", False)])  # auto: bf16 on CUDA only
+def test_precision_sets_the_training_steps_autocast_and_evaluation_stays_fp32(
+        tmp_path, precision, bf16_step):
     data = load_dataset("digits")
-    trainer = _trainer(tmp_path, data)
+    trainer = _trainer(tmp_path, data, precision=precision)
+    seen = {"train": [], "eval": []}
+    step, scores = trainer.objective.train_step, trainer.objective.block_scores
+
+    def spy(kind, fn):
+        def wrapped(*args):
+            seen[kind].append(torch.is_autocast_enabled("cpu")
+                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return fn(*args)
+        return wrapped
+
+    trainer.objective.train_step = spy("train", step)
+    trainer.objective.block_scores = spy("eval", scores)
+    trainer.fit()
+    assert seen["train"] and set(seen["train"]) == {bf16_step}
+    assert seen["eval"] and set(seen["eval"]) == {False}
+
+
+@pytest.mark.slow
+def test_bf16_step_on_cpu_keeps_the_checkpoint_portable(tmp_path):
+    """bf16 autocast (CUDA's default, --precision bf16 on the CPU) with the default channels-last
+    layout: the epoch runs, metrics are float32, and the checkpoint loads into a plain model."""
+    from model.checkpoint import load_checkpoint
+
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data, precision="bf16")
     metrics = trainer.fit()
     conv = trainer.model.blocks[1].body[0].weight  # (8, 4, 3, 3): layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()

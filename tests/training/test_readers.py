@@ -55,7 +55,7 @@ def test_fashion_mnist_class_names(tmp_path):
     write_mnist(tmp_path, n_train=50, n_test=10)
     splits = load_dataset("fashion-mnist", tmp_path)
     assert splits.class_names == FASHION_CLASSES
-    assert splits.default_preset == "fmnist-cnn"
+    assert splits.default_preset == "fmnist-vgg"
 
 
 def test_read_idx_roundtrip_and_truncation(tmp_path):
@@ -299,3 +299,23 @@ def test_fashion_mnist_recipe_is_the_default_under_the_flags(tmp_path):
     assert train_config("--erasing", "0", "--epochs", "2")["erasing"] == 0.0
     assert train_config("--erasing", "0", "--epochs", "2")["epochs"] == 2
     assert train_config("--objective", "ff")["erasing"] == 0.0  # FF keeps its own defaults
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fashion_mnist_recipe_trains_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch,
+                                                                       native):
+    from training import cli, trainer
+
+    write_mnist(tmp_path, n_train=50, n_test=10)
+    monkeypatch.setattr(trainer, "native_bf16", lambda: native)
+
+    def train_config(*flags):
+        args = cli.build_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir",
+                                              str(tmp_path), *flags])
+        config, _ = cli.prepare_new_run(args, tmp_path / "run")
+        return config.train
+
+    assert train_config()["precision"] == ("bf16" if native else "auto")
+    assert train_config("--objective", "backprop")["precision"] == ("bf16" if native else "auto")
+    assert train_config("--precision", "fp32")["precision"] == "fp32"  # the flag wins
+    assert train_config("--objective", "ff")["precision"] == "auto"  # FF keeps its own defaults
