@@ -171,18 +171,30 @@ def compose_project(engine: Engine, env: dict[str, str]) -> tuple[list[str], Cal
     return compose, logs
 
 
-def remove_project(engine: Engine, compose: list[str], env: dict[str, str]) -> None:
+def remove_project(engine: Engine, compose: list[str], env: dict[str, str]) -> list[str]:
     """`down --volumes`, then whatever it left: podman-compose's `down` keeps the replicas
-    `--scale` added (api_2, api_3), and the volumes they still hold."""
+    `--scale` added (api_2, api_3), and the volumes they still hold. Returns what is still
+    there after three passes (an exited train container once survived one pass, holding the
+    volumes), with the engine's complaints, so the report shows it."""
     run([*compose, "down", "--volumes"], 300, env=env, check=False)
     label = f"label=com.docker.compose.project={PROJECT}"
-    left = run([engine.name, "ps", "-aq", "--filter", label], 60, check=False).stdout.split()
-    if left:
-        run([engine.name, "rm", "-f", *left], 120, check=False)
-    volumes = run([engine.name, "volume", "ls", "-q"], 60, check=False).stdout.split()
-    mine = [v for v in volumes if v.startswith(f"{PROJECT}_")]
-    if mine:
-        run([engine.name, "volume", "rm", *mine], 120, check=False)
+    left: list[str] = []
+    for _ in range(3):
+        containers = run([engine.name, "ps", "-aq", "--filter", label], 60,
+                         check=False).stdout.split()
+        volumes = [v for v in run([engine.name, "volume", "ls", "-q"], 60,
+                                  check=False).stdout.split() if v.startswith(f"{PROJECT}_")]
+        left = containers + volumes
+        if not left:
+            return []
+        # one by one: a single name the engine no longer knows must not stop the rest
+        complaints = [run([engine.name, "rm", "-f", c], 120, check=False).stderr.strip()
+                      for c in containers]
+        complaints += [run([engine.name, "volume", "rm", "-f", v], 120, check=False).stderr.strip()
+                       for v in volumes]
+        left += [c for c in complaints if c]
+        time.sleep(1)
+    return left
 
 
 def check_predictions(base_url: str, per_class: int) -> float:
@@ -426,6 +438,6 @@ def test_replicas_behind_the_proxy_switch_versions_without_a_failed_request(engi
         out = ROOT / "test-artifacts"
         out.mkdir(exist_ok=True)
         (out / "container-smoke-replicas-logs.txt").write_text(logs(tail=400_000))
-        remove_project(engine, compose, env)
+        report["left_after_teardown"] = remove_project(engine, compose, env)
         (out / "container-smoke-replicas.json").write_text(json.dumps(report, indent=2) + "\n")
         print("\ncontainer smoke, replicas:", json.dumps(report, indent=2))
