@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -165,16 +167,23 @@ def assert_drained(srv: ServerProcess, results: list) -> list:
 SERVERS = ["uvicorn", "granian"]
 
 
-@pytest.fixture(scope="session", params=SERVERS)
-def server(request, digits_model_dir, tmp_path_factory):
-    """The digits model behind an API key, small limits so the limit cases are cheap to send."""
-    srv = ServerProcess(digits_model_dir, tmp_path_factory.mktemp("server") / "server.log",
-                        api_key=API_KEY, max_batch_size=32, max_batch_wait_ms=5,
-                        max_instances=64, max_body_bytes=256 * 1024, threads=1,
-                        server=request.param)
+@contextmanager
+def limited_server(model_dir: Path, log_path: Path, **settings) -> Iterator[ServerProcess]:
+    """The model behind an API key, small limits so the limit cases are cheap to send; stopped
+    after, and its log must hold no traceback: no request may have hit a bug."""
+    srv = ServerProcess(model_dir, log_path, api_key=API_KEY, max_instances=64,
+                        max_body_bytes=256 * 1024, threads=1, **settings)
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()  # no request may have hit a bug
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture(scope="session", params=SERVERS)
+def server(request, digits_model_dir, tmp_path_factory):
+    """The digits model on each server, shared by the tests that only read its answers."""
+    with limited_server(digits_model_dir, tmp_path_factory.mktemp("server") / "server.log",
+                        max_batch_size=32, max_batch_wait_ms=5, server=request.param) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -16,18 +16,16 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.app.conftest import API_KEY, ServerProcess
+from tests.app.conftest import API_KEY, limited_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def hot_server(digits_model_dir, tmp_path_factory):
-    srv = ServerProcess(digits_model_dir, tmp_path_factory.mktemp("hotpath") / "server.log",
-                        api_key=API_KEY, max_instances=64, max_body_bytes=256 * 1024, threads=1)
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()
+    with limited_server(digits_model_dir,
+                        tmp_path_factory.mktemp("hotpath") / "server.log") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

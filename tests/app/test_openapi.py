@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.conftest import API_KEY, ServerProcess
+from tests.app.conftest import API_KEY, limited_server
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fuzzed_server(digits_model_dir, tmp_path_factory):
     """A server of its own: the fuzzer's traffic must not show in other tests' metrics."""
-    srv = ServerProcess(digits_model_dir, tmp_path_factory.mktemp("fuzz") / "server.log",
-                        api_key=API_KEY, max_instances=64, max_body_bytes=256 * 1024, threads=1)
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()  # no request may have hit a bug
+    with limited_server(digits_model_dir, tmp_path_factory.mktemp("fuzz") / "server.log") as srv:
+        yield srv
 
 
 def test_the_document_names_the_model_its_shape_and_the_error_body(fuzzed_server):
