@@ -69,9 +69,15 @@ def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
     return s
 
 
+CPUS = sorted(os.sched_getaffinity(0))  # before pin() narrows this process to the client's
+
+
 def pin(server: Server, cpu: int) -> None:
-    """Every thread of the server on `cpu`, this process on the others (when there are two)."""
-    cpus = sorted(os.sched_getaffinity(0))
+    """Every thread of the server on `cpu`, this process on the others (when there are two).
+    The CPUs come from the affinity this process started with: after the first call its own is
+    the client's core alone, which left every later server unpinned, on the load generator's
+    core (the second server of `saturate` measured 0.88-0.94x the first, whichever it was)."""
+    cpus = CPUS
     if len(cpus) < 2:
         return
     for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
