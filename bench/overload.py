@@ -60,9 +60,9 @@ CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive
            "run-to-the-end, adaptive")
 
 
-def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
+def settings_for(config: str, target_ms: float, queue_rows: int, queue_wait_ms: float = 0.0) -> dict:
     s = {"threads": 1, "max_batch_size": 64, "max_batch_wait_ms": 2, "queue_bound": queue_rows,
-         "queue_wait_s": target_ms / 4000, "max_connections": 4096, "max_instances": 1,
+         "queue_wait_s": queue_wait_ms / 1000, "max_connections": 4096, "max_instances": 1,
          "scheduling": "batch" if config.startswith("run-to-the-end") else "stage"}
     if config.endswith("adaptive"):
         s["latency_target_ms"] = target_ms
@@ -93,8 +93,9 @@ def cpu_seconds(server: Server) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(model: Path, config: str, target_ms: float, queue_rows: int) -> Server:
-    server = Server(model, **settings_for(config, target_ms, queue_rows))
+def start(model: Path, config: str, target_ms: float, queue_rows: int,
+          queue_wait_ms: float = 0.0) -> Server:
+    server = Server(model, **settings_for(config, target_ms, queue_rows, queue_wait_ms))
     pin(server, 0)
     return server
 
@@ -124,29 +125,38 @@ async def closed_loop(url: str, payloads: list[Payload], labels: np.ndarray, out
 
 
 async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate: float,
-                    seconds: float, warmup: float, target_s: float, seed: int) -> dict:
-    """Poisson arrivals at `rate` a second; every request on its own connection from a pool."""
+                    seconds: float, warmup: float, target_s: float, seed: int,
+                    connections: int = 512) -> dict:
+    """Poisson arrivals at `rate` a second over a pool of `connections` keep-alive connections,
+    all opened before the clock starts. An arrival that finds every connection busy is not sent
+    and counts as a client-side drop ("no connection"): the generator never opens a connection
+    per outstanding request, whose set-up, once answers take seconds, cost the server's core
+    more than the requests (the earlier generator collapsed every server at 2-3x that way)."""
     rng = np.random.default_rng(seed)
-    idle: list[RawConnection] = []
+    pool = [RawConnection(url) for _ in range(connections)]
+    await asyncio.gather(*(conn.get("/healthz") for conn in pool))
+    idle = list(pool)
     latencies: list[float] = []
     counts: dict[int | str, int] = {}
-    good = correct = 0
+    good = correct = dropped = 0
     blocks: list[int] = []
+    lags: list[float] = []  # how far behind its schedule the generator sent each request
     t_start = time.perf_counter() + 0.05
     measure_from, stop_at = t_start + warmup, t_start + warmup + seconds
+    arrivals = t_start + np.cumsum(rng.exponential(1.0 / rate, int(rate * (warmup + seconds) * 1.2
+                                                                   + 100)))
+    arrivals = arrivals[arrivals < stop_at].tolist()
 
-    async def one(i: int, scheduled: float) -> None:
+    async def one(conn: RawConnection, i: int, scheduled: float) -> None:
         nonlocal good, correct
-        conn = idle.pop() if idle else RawConnection(url)
         try:
             status, body = await conn.post(payloads[i % len(payloads)])
         except (ConnectionError, asyncio.IncompleteReadError):
             status, body = "closed", b""
             await conn.close()
-            conn = None
+            conn = RawConnection(url)  # a fresh one, opened by its next request
         latency = time.perf_counter() - scheduled
-        if conn is not None:
-            idle.append(conn)
+        idle.append(conn)
         if not measure_from <= scheduled < stop_at:
             return
         counts[status] = counts.get(status, 0) + 1
@@ -158,29 +168,33 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
             blocks.append(answer["exit_block"])
 
     tasks = set()
-    t, i = t_start, 0
     cpu = time.process_time()
-    while t < stop_at:
-        t += rng.exponential(1.0 / rate)
-        delay = t - time.perf_counter()
+    for i, scheduled in enumerate(arrivals):
+        delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, t))
+        measured = scheduled >= measure_from
+        if not idle:
+            dropped += measured
+            continue
+        if measured:
+            lags.append(time.perf_counter() - scheduled)
+        task = asyncio.create_task(one(idle.pop(), i, scheduled))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        i += 1
     await asyncio.gather(*tasks)
     client_cpu = (time.process_time() - cpu) / (time.perf_counter() - t_start)
-    for conn in idle:
+    for conn in pool + idle:
         await conn.close()
     lat = np.array(latencies or [float("nan")]) * 1000
     ok = counts.pop(200, 0)
     return {"offered": rate, "goodput": good / seconds, "throughput": ok / seconds,
             "p50": float(np.median(lat)), "p99": float(np.percentile(lat, 99)),
             "429": counts.pop(429, 0), "503": counts.pop(503, 0),
-            "other": {str(k): v for k, v in counts.items()},
+            "other": {str(k): v for k, v in counts.items()}, "no_connection": dropped,
             "accuracy": correct / max(ok, 1), "mean_exit_block": float(np.mean(blocks or [0])),
-            "client_cpu": client_cpu}
+            "client_cpu": client_cpu,
+            "client_lag_p99": float(np.percentile(lags, 99) * 1000) if lags else math.nan}
 
 
 def inference_cost(model: Path, seconds: float) -> list[dict]:
@@ -331,7 +345,7 @@ def median_row(cells: list[dict]) -> dict:
     """One configuration at one load over its repeats: the median of each figure (refusals
     too), with every repeat's own figures kept under "repeats"."""
     keys = ("goodput", "throughput", "p50", "p99", "accuracy", "mean_exit_block", "429", "503",
-            "client_cpu")
+            "no_connection", "client_cpu", "client_lag_p99")
     row = {k: float(np.median([c[k] for c in cells])) for k in keys}
     other: dict[str, int] = {}
     for c in cells:
@@ -344,26 +358,29 @@ def median_row(cells: list[dict]) -> dict:
 
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
-    # the admission queue holds what the server can answer within half the target
-    queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
+    # the admission queue holds what the server can answer in --queue-ms (half the target)
+    queue_rows = max(8, int(args.capacity * (args.queue_ms or args.target_ms / 2) / 1000))
     configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
-    servers = {c: start(args.model, c, args.target_ms, queue_rows) for c in configs}
+    servers = {c: start(args.model, c, args.target_ms, queue_rows, args.queue_wait_ms)
+               for c in configs}
     cells: dict[tuple[str, float], list[dict]] = {(c, load): [] for c in configs
                                                   for load in args.loads}
     try:
         for s in servers.values():  # warm-up
             run_loop(open_loop(s.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
-                               args.target_ms / 1000, 0))
+                               args.target_ms / 1000, 0, args.connections))
         # repeats interleaved (A B C A B C): a slow spell of the machine hits every configuration
         for rep in range(args.repeats):
             for load in args.loads:
                 for config, s in servers.items():
                     r = run_loop(open_loop(s.url, payloads, y, args.capacity * load, args.seconds,
                                            args.warmup, args.target_ms / 1000,
-                                           seed=int(load * 100) + 1000 * rep))
+                                           seed=int(load * 100) + 1000 * rep,
+                                           connections=args.connections))
                     cells[(config, load)].append(r)
                     print(f"# repeat {rep + 1}, {load:g}x, {config}: goodput {r['goodput']:.0f}/s,"
-                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%",
+                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%, 429 {r['429']}, "
+                          f"no connection {r['no_connection']}, client CPU {r['client_cpu'] * 100:.0f}%",
                           file=sys.stderr, flush=True)
     finally:
         for s in servers.values():
@@ -372,7 +389,8 @@ def sweep(args: argparse.Namespace) -> int:
     for (config, load), runs in cells.items():
         r = median_row(runs)
         r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
-                 queue_rows=queue_rows, machine=machine(), model=manifest["name"],
+                 queue_rows=queue_rows, queue_wait_ms=args.queue_wait_ms,
+                 connections=args.connections, machine=machine(), model=manifest["name"],
                  seconds=args.seconds)
         rows.append(r)
     print(HEADER)
@@ -388,8 +406,9 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 HEADER = ("| load | configuration | offered/s | goodput/s (median) | goodput/s, each repeat | "
-          "answered/s | p50 ms | p99 ms | 429 | 503 | other | accuracy | mean exit block | "
-          "load generator CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "answered/s | p50 ms | p99 ms | 429 | 503 | other | no free connection | accuracy | "
+          "mean exit block | load generator CPU | generator lag p99 ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
@@ -397,8 +416,10 @@ def print_row(r: dict, flush: bool = False) -> None:
     each = ", ".join(f"{c['goodput']:.0f}" for c in r.get("repeats", [r]))
     print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
           f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']:.0f} | "
-          f"{r['503']:.0f} | {other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
-          f"{r.get('client_cpu', math.nan) * 100:.0f}% |", flush=flush)
+          f"{r['503']:.0f} | {other} | {r.get('no_connection', math.nan):.0f} | "
+          f"{r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
+          f"{r.get('client_cpu', math.nan) * 100:.0f}% | {r.get('client_lag_p99', math.nan):.1f} |",
+          flush=flush)
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -462,6 +483,16 @@ def main() -> int:
     sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
     sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
     sw.add_argument("--warmup", type=float, default=2.0)
+    sw.add_argument("--queue-ms", type=float, default=None,
+                    help="admission queue (HFF_QUEUE_BOUND) as this many ms of --capacity "
+                         "(default: half the target)")
+    sw.add_argument("--queue-wait-ms", type=float, default=0.0,
+                    help="HFF_QUEUE_WAIT_S in ms: how long a request past the queue bound waits "
+                         "for room before 429 (default 0: open-loop arrivals past capacity gain "
+                         "nothing by waiting, and 0 refuses on the hot path)")
+    sw.add_argument("--connections", type=int, default=512,
+                    help="keep-alive connections the generator sends over; an arrival that finds "
+                         "none free is not sent and counts under 'no free connection'")
     sw.add_argument("--repeats", type=int, default=3,
                     help="interleaved repeats of every cell; the table shows their median")
     sw.add_argument("--results", default=None, help="JSON file the rows are merged into")
