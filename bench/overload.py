@@ -9,10 +9,9 @@ Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
 
 Four server configurations, the same in everything else (one onnxruntime thread, max batch 64,
 the admission queue sized to the latency target so that no configuration queues for seconds:
-capacity x half the target in rows, a request waits at most a quarter of the target for room,
-and HFF_MAX_INSTANCES 1, since every request carries one image: admission reserves a body's
-rows before reading it from its length and that bound, and a 12 KB binary image counted as up
-to 192 rows would hold the whole queue, admitting one request at a time):
+capacity x half the target in rows (--queue-ms), a request that finds it full refused at once
+(--queue-wait-ms 0: open-loop arrivals gain nothing by waiting, and 0 refuses on the hot path),
+and HFF_MAX_INSTANCES 1, since every request carries one image):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
@@ -20,13 +19,15 @@ to 192 rows would hold the whole queue, admitting one request at a time):
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
 schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
 Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
-binary tensors) for `--seconds` after a warm-up; latency counts from each request's scheduled
-arrival, so a client that falls behind shows as latency, not as a lighter load. Goodput is the
-answers (200) within the target per second. Every cell is repeated (`--repeats`), the
-configurations interleaved (A B C D A B C D), and the table shows each figure's median and every
-repeat's goodput; `points` measures, per operating point, the inference time per row and
-the capacity it predicts. The server runs on CPU 0 and the load generator on
-CPU 1 where the machine has two.
+binary tensors) for `--seconds` after a warm-up, over a pool of `--connections` keep-alive
+connections opened beforehand (an arrival that finds none free is not sent and is counted as
+"no free connection"); latency counts from each request's scheduled arrival, so a client that
+falls behind shows as latency, not as a lighter load, and each cell reports the generator's CPU
+share and how late it sent. Goodput is the answers (200) within the target per second. Every
+cell is repeated (`--repeats`), the configurations interleaved (A B C D A B C D), and the table
+shows each figure's median and every repeat's goodput; `points` measures, per operating point,
+the inference time per row and the capacity it predicts. Every server runs on CPU 0 and the
+load generator on CPU 1 where the machine has two.
 """
 
 from __future__ import annotations
