@@ -47,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.controller import DEFAULT_FLOOR_MARGIN  # noqa: E402 - after the path set-up
 from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_load does
     Payload,
     RawConnection,
@@ -357,6 +358,13 @@ def median_row(cells: list[dict]) -> dict:
     return row
 
 
+def default_floor(manifest: dict) -> float | None:
+    """HFF_MIN_ACCURACY's default: the calibrated point's expected accuracy minus 2 points."""
+    points = manifest.get("early_exit", {}).get("operating_points") or [{}]
+    calibrated = points[0].get("expected_accuracy")
+    return None if calibrated is None else calibrated - DEFAULT_FLOOR_MARGIN
+
+
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
     # the admission queue holds what the server can answer in --queue-ms (half the target)
@@ -390,6 +398,7 @@ def sweep(args: argparse.Namespace) -> int:
     for (config, load), runs in cells.items():
         r = median_row(runs)
         r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
+                 floor=default_floor(manifest),
                  queue_rows=queue_rows, queue_wait_ms=args.queue_wait_ms,
                  connections=args.connections, machine=machine(), model=manifest["name"],
                  seconds=args.seconds)
@@ -450,6 +459,8 @@ def plot(args: argparse.Namespace) -> int:
             ax.errorbar(loads, mid, yerr=spread, fmt=style, capsize=3, label=config)
     ax1.set_xlabel("offered load (x capacity)")
     ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s),\nmedian and range")
+    if first.get("floor") is not None:
+        ax2.axhline(first["floor"] * 100, color="grey", linestyle=":", label="floor (default)")
     ax2.set_xlabel("offered load (x capacity)")
     ax2.set_ylabel("accuracy of the answers (%)")
     for ax in (ax1, ax2):
