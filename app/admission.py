@@ -94,9 +94,15 @@ class Admission:
                     min_row_bytes: int = MIN_ROW_BYTES) -> Ticket | None:
         """`acquire` without waiting: the ticket when there is room now and nobody waits for
         it, else None and nothing reserved (app.hotpath then hands the request to the ASGI
-        route, which waits in line)."""
+        route, which waits in line). With no wait allowed (`max_wait_s` 0) there is no line:
+        Busy (429) at once, so the hot path refuses without the ASGI route, whose cost per
+        refusal (hundreds of microseconds) took a server past capacity below its capacity."""
         ticket = self._ticket(content_length, body_limit, deadline, min_row_bytes)
-        return ticket if self._take_now(ticket) else None
+        if self._take_now(ticket):
+            return ticket
+        if self.max_wait_s <= 0:
+            raise self._busy()
+        return None
 
     async def acquire(self, content_length: int | None, body_limit: int, deadline: float,
                       min_row_bytes: int = MIN_ROW_BYTES) -> Ticket:
@@ -113,9 +119,7 @@ class Admission:
             await asyncio.wait_for(future, max(0.0, wait))
         except TimeoutError:
             if not ticket.admitted:
-                raise Busy(f"the server is busy: {self.rows} instances and {self.nbytes >> 20} MB "
-                           f"of requests ahead, and no room came within {self.max_wait_s:g}s "
-                           "(HFF_QUEUE_BOUND, HFF_QUEUE_BYTES, HFF_QUEUE_WAIT_S); retry later") from None
+                raise self._busy() from None
         except BaseException:  # cancelled (the client left) or refused at shutdown
             self.release(ticket)  # in case room was given to it a moment before
             raise
@@ -124,6 +128,11 @@ class Admission:
                 self._waiting.remove(entry)
                 self._wake()  # the line moved: the next one may fit now
         return ticket
+
+    def _busy(self) -> Busy:
+        return Busy(f"the server is busy: {self.rows} instances and {self.nbytes >> 20} MB of "
+                    f"requests ahead, and no room came within {self.max_wait_s:g}s "
+                    "(HFF_QUEUE_BOUND, HFF_QUEUE_BYTES, HFF_QUEUE_WAIT_S); retry later")
 
     def settle(self, ticket: Ticket, rows: int) -> None:
         """The body is parsed: hold the request's real row count instead of the estimate."""

@@ -21,10 +21,9 @@ calls the scheduler (on the event loop, which owns every queue) picks the stage 
     fullest-first rule there (tried) made survivors wait at every stage for a queue to become
     the fullest, which under open-loop load added the patience once per block (p50 14 ms
     against 5 ms at half capacity) and, past capacity, let the latency and the 429s feed each
-    other until goodput collapsed. On the CPU the fuller batches buy nothing (onnxruntime's
-    cost per row is flat from batch 8 up) and the stage-level server measured 0.88-0.94x
-    run-to-the-end's throughput at saturation, hence the default (README, "Overload
-    benchmark").
+    other until goodput collapsed. On the CPU the fuller batches buy little (onnxruntime's
+    cost per row is nearly flat from batch 8 up): the two measure level at saturation
+    (1.00-1.02x, README "Overload benchmark"), and run-to-the-end stays the default.
 
 When stage 1 would run a partial batch and no other stage has work, it waits for more rows
 under load only (the batch is not a lone row and the last one was not either), until its

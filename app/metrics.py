@@ -7,10 +7,19 @@ are per model version, labelled `model` and `version`, and each batcher writes t
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -21,16 +30,54 @@ PER_MODEL = ("queue_wait", "batch_size", "exits", "in_flight", "queue_depth", "s
              "operating_point", "operating_point_accuracy", "deadline_misses")
 
 
+class RequestCounts(Collector):
+    """hff_requests_total{route,status} and hff_request_latency_seconds{route}, counted in plain
+    dicts and turned into metric families when scraped. Every request updates them from the
+    event loop, and the client library's Counter and Histogram take a lock per update (about
+    2.8 us a request against 0.6 here: a few percent of a small request's CPU)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        # route -> [requests per bucket of LATENCY_BUCKETS, then +Inf; sum of seconds]
+        self.latency: dict[str, list[Any]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        latency = self.latency.get(route)
+        if latency is None:
+            latency = self.latency[route] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0]
+        latency[0][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # buckets count value <= le
+        latency[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        # list(...) copies in one step of the interpreter: a scrape on another thread never
+        # iterates a dict the loop is growing
+        requests = CounterMetricFamily("hff_requests", "HTTP requests by route and status",
+                                       labels=["route", "status"])
+        for (route, status), n in sorted(list(self.counts.items())):
+            requests.add_metric([route, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("hff_request_latency_seconds",
+                                        "HTTP request latency by route", labels=["route"])
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for route, (per_bucket, total) in sorted(list(self.latency.items())):
+            cumulative, seen = [], 0
+            for bound, n in zip(bounds, list(per_bucket), strict=True):
+                seen += n
+                cumulative.append((bound, seen))
+            latency.add_metric([route], cumulative, total)
+        yield latency
+
+
 class Metrics:
     """The service's metrics; names are listed in the README."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("hff_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("hff_request_latency_seconds", "HTTP request latency by route",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_counts = RequestCounts()
+        r.register(self.request_counts)
         self.queue_wait = Histogram("hff_queue_wait_seconds",
                                     "time a request's rows waited in the queue before a batch took them",
                                     MODEL_LABELS, buckets=WAIT_BUCKETS, registry=r)
@@ -63,22 +110,9 @@ class Metrics:
         self.waiting_requests = Gauge("hff_waiting_requests", "requests waiting for admission, "
                                       "their bodies unread", registry=r)
 
-        # labelled children looked up once: .labels() costs a lock and a dict build per call
-        self._request_counters: dict[tuple[str, int], Any] = {}
-        self._request_latencies: dict[str, Any] = {}
-
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        """Count one answered request (app.guard for the ASGI app, app.hotpath and app.rsgi
-        for the requests they answer themselves); `route` is a template, never a raw path."""
-        counter = self._request_counters.get((route, status))
-        if counter is None:
-            counter = self._request_counters[route, status] = self.requests.labels(
-                route=route, status=str(status))
-        latency = self._request_latencies.get(route)
-        if latency is None:
-            latency = self._request_latencies[route] = self.latency.labels(route=route)
-        counter.inc()
-        latency.observe(seconds)
+        # one answered request (app.guard for the ASGI app, app.hotpath for the requests it
+        # answers itself); the route is a template, never a raw path
+        self.observe_request = self.request_counts.observe
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)

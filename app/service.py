@@ -160,7 +160,8 @@ class Service:
 
     def try_admit(self, headers: Mapping[str, str]) -> Ticket | None:
         """`admit` without waiting (app.hotpath): the ticket when there is room now, else None
-        and nothing held; `release(ticket)` when the request ends."""
+        and nothing held (Busy, 429, when HFF_QUEUE_WAIT_S is 0: no line to wait in);
+        `release(ticket)` when the request ends."""
         if not self.ready:
             raise self.not_ready_error()
         length, row_bytes = self._reservation(headers)

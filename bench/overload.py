@@ -9,10 +9,9 @@ Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
 
 Four server configurations, the same in everything else (one onnxruntime thread, max batch 64,
 the admission queue sized to the latency target so that no configuration queues for seconds:
-capacity x half the target in rows, a request waits at most a quarter of the target for room,
-and HFF_MAX_INSTANCES 1, since every request carries one image: admission reserves a body's
-rows before reading it from its length and that bound, and a 12 KB binary image counted as up
-to 192 rows would hold the whole queue, admitting one request at a time):
+capacity x half the target in rows (--queue-ms), a request that finds it full refused at once
+(--queue-wait-ms 0: open-loop arrivals gain nothing by waiting, and 0 refuses on the hot path),
+and HFF_MAX_INSTANCES 1, since every request carries one image):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
@@ -20,13 +19,15 @@ to 192 rows would hold the whole queue, admitting one request at a time):
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
 schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
 Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
-binary tensors) for `--seconds` after a warm-up; latency counts from each request's scheduled
-arrival, so a client that falls behind shows as latency, not as a lighter load. Goodput is the
-answers (200) within the target per second. Every cell is repeated (`--repeats`), the
-configurations interleaved (A B C D A B C D), and the table shows each figure's median and every
-repeat's goodput; `points` measures, per operating point, the inference time per row and
-the capacity it predicts. The server runs on CPU 0 and the load generator on
-CPU 1 where the machine has two.
+binary tensors) for `--seconds` after a warm-up, over a pool of `--connections` keep-alive
+connections opened beforehand (an arrival that finds none free is not sent and is counted as
+"no free connection"); latency counts from each request's scheduled arrival, so a client that
+falls behind shows as latency, not as a lighter load, and each cell reports the generator's CPU
+share and how late it sent. Goodput is the answers (200) within the target per second. Every
+cell is repeated (`--repeats`), the configurations interleaved (A B C D A B C D), and the table
+shows each figure's median and every repeat's goodput; `points` measures, per operating point,
+the inference time per row and the capacity it predicts. Every server runs on CPU 0 and the
+load generator on CPU 1 where the machine has two.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.controller import DEFAULT_FLOOR_MARGIN  # noqa: E402 - after the path set-up
 from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_load does
     Payload,
     RawConnection,
@@ -60,18 +62,24 @@ CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive
            "run-to-the-end, adaptive")
 
 
-def settings_for(config: str, target_ms: float, queue_rows: int) -> dict:
+def settings_for(config: str, target_ms: float, queue_rows: int, queue_wait_ms: float = 0.0) -> dict:
     s = {"threads": 1, "max_batch_size": 64, "max_batch_wait_ms": 2, "queue_bound": queue_rows,
-         "queue_wait_s": target_ms / 4000, "max_connections": 4096, "max_instances": 1,
+         "queue_wait_s": queue_wait_ms / 1000, "max_connections": 4096, "max_instances": 1,
          "scheduling": "batch" if config.startswith("run-to-the-end") else "stage"}
     if config.endswith("adaptive"):
         s["latency_target_ms"] = target_ms
     return s
 
 
+CPUS = sorted(os.sched_getaffinity(0))  # before pin() narrows this process to the client's
+
+
 def pin(server: Server, cpu: int) -> None:
-    """Every thread of the server on `cpu`, this process on the others (when there are two)."""
-    cpus = sorted(os.sched_getaffinity(0))
+    """Every thread of the server on `cpu`, this process on the others (when there are two).
+    The CPUs come from the affinity this process started with: after the first call its own is
+    the client's core alone, which left every later server unpinned, on the load generator's
+    core (the second server of `saturate` measured 0.88-0.94x the first, whichever it was)."""
+    cpus = CPUS
     if len(cpus) < 2:
         return
     for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
@@ -87,8 +95,9 @@ def cpu_seconds(server: Server) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(model: Path, config: str, target_ms: float, queue_rows: int) -> Server:
-    server = Server(model, **settings_for(config, target_ms, queue_rows))
+def start(model: Path, config: str, target_ms: float, queue_rows: int,
+          queue_wait_ms: float = 0.0) -> Server:
+    server = Server(model, **settings_for(config, target_ms, queue_rows, queue_wait_ms))
     pin(server, 0)
     return server
 
@@ -118,29 +127,38 @@ async def closed_loop(url: str, payloads: list[Payload], labels: np.ndarray, out
 
 
 async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate: float,
-                    seconds: float, warmup: float, target_s: float, seed: int) -> dict:
-    """Poisson arrivals at `rate` a second; every request on its own connection from a pool."""
+                    seconds: float, warmup: float, target_s: float, seed: int,
+                    connections: int = 512) -> dict:
+    """Poisson arrivals at `rate` a second over a pool of `connections` keep-alive connections,
+    all opened before the clock starts. An arrival that finds every connection busy is not sent
+    and counts as a client-side drop ("no connection"): the generator never opens a connection
+    per outstanding request, whose set-up, once answers take seconds, cost the server's core
+    more than the requests (the earlier generator collapsed every server at 2-3x that way)."""
     rng = np.random.default_rng(seed)
-    idle: list[RawConnection] = []
+    pool = [RawConnection(url) for _ in range(connections)]
+    await asyncio.gather(*(conn.get("/healthz") for conn in pool))
+    idle = list(pool)
     latencies: list[float] = []
     counts: dict[int | str, int] = {}
-    good = correct = 0
+    good = correct = dropped = 0
     blocks: list[int] = []
+    lags: list[float] = []  # how far behind its schedule the generator sent each request
     t_start = time.perf_counter() + 0.05
     measure_from, stop_at = t_start + warmup, t_start + warmup + seconds
+    arrivals = t_start + np.cumsum(rng.exponential(1.0 / rate, int(rate * (warmup + seconds) * 1.2
+                                                                   + 100)))
+    arrivals = arrivals[arrivals < stop_at].tolist()
 
-    async def one(i: int, scheduled: float) -> None:
+    async def one(conn: RawConnection, i: int, scheduled: float) -> None:
         nonlocal good, correct
-        conn = idle.pop() if idle else RawConnection(url)
         try:
             status, body = await conn.post(payloads[i % len(payloads)])
         except (ConnectionError, asyncio.IncompleteReadError):
             status, body = "closed", b""
             await conn.close()
-            conn = None
+            conn = RawConnection(url)  # a fresh one, opened by its next request
         latency = time.perf_counter() - scheduled
-        if conn is not None:
-            idle.append(conn)
+        idle.append(conn)
         if not measure_from <= scheduled < stop_at:
             return
         counts[status] = counts.get(status, 0) + 1
@@ -152,29 +170,33 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
             blocks.append(answer["exit_block"])
 
     tasks = set()
-    t, i = t_start, 0
     cpu = time.process_time()
-    while t < stop_at:
-        t += rng.exponential(1.0 / rate)
-        delay = t - time.perf_counter()
+    for i, scheduled in enumerate(arrivals):
+        delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, t))
+        measured = scheduled >= measure_from
+        if not idle:
+            dropped += measured
+            continue
+        if measured:
+            lags.append(time.perf_counter() - scheduled)
+        task = asyncio.create_task(one(idle.pop(), i, scheduled))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        i += 1
     await asyncio.gather(*tasks)
     client_cpu = (time.process_time() - cpu) / (time.perf_counter() - t_start)
-    for conn in idle:
+    for conn in pool + idle:
         await conn.close()
     lat = np.array(latencies or [float("nan")]) * 1000
     ok = counts.pop(200, 0)
     return {"offered": rate, "goodput": good / seconds, "throughput": ok / seconds,
             "p50": float(np.median(lat)), "p99": float(np.percentile(lat, 99)),
             "429": counts.pop(429, 0), "503": counts.pop(503, 0),
-            "other": {str(k): v for k, v in counts.items()},
+            "other": {str(k): v for k, v in counts.items()}, "no_connection": dropped,
             "accuracy": correct / max(ok, 1), "mean_exit_block": float(np.mean(blocks or [0])),
-            "client_cpu": client_cpu}
+            "client_cpu": client_cpu,
+            "client_lag_p99": float(np.percentile(lags, 99) * 1000) if lags else math.nan}
 
 
 def inference_cost(model: Path, seconds: float) -> list[dict]:
@@ -325,7 +347,7 @@ def median_row(cells: list[dict]) -> dict:
     """One configuration at one load over its repeats: the median of each figure (refusals
     too), with every repeat's own figures kept under "repeats"."""
     keys = ("goodput", "throughput", "p50", "p99", "accuracy", "mean_exit_block", "429", "503",
-            "client_cpu")
+            "no_connection", "client_cpu", "client_lag_p99")
     row = {k: float(np.median([c[k] for c in cells])) for k in keys}
     other: dict[str, int] = {}
     for c in cells:
@@ -336,28 +358,38 @@ def median_row(cells: list[dict]) -> dict:
     return row
 
 
+def default_floor(manifest: dict) -> float | None:
+    """HFF_MIN_ACCURACY's default: the calibrated point's expected accuracy minus 2 points."""
+    points = manifest.get("early_exit", {}).get("operating_points") or [{}]
+    calibrated = points[0].get("expected_accuracy")
+    return None if calibrated is None else calibrated - DEFAULT_FLOOR_MARGIN
+
+
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
-    # the admission queue holds what the server can answer within half the target
-    queue_rows = max(8, int(args.capacity * args.target_ms / 2000))
+    # the admission queue holds what the server can answer in --queue-ms (half the target)
+    queue_rows = max(8, int(args.capacity * (args.queue_ms or args.target_ms / 2) / 1000))
     configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
-    servers = {c: start(args.model, c, args.target_ms, queue_rows) for c in configs}
+    servers = {c: start(args.model, c, args.target_ms, queue_rows, args.queue_wait_ms)
+               for c in configs}
     cells: dict[tuple[str, float], list[dict]] = {(c, load): [] for c in configs
                                                   for load in args.loads}
     try:
         for s in servers.values():  # warm-up
             run_loop(open_loop(s.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
-                               args.target_ms / 1000, 0))
+                               args.target_ms / 1000, 0, args.connections))
         # repeats interleaved (A B C A B C): a slow spell of the machine hits every configuration
         for rep in range(args.repeats):
             for load in args.loads:
                 for config, s in servers.items():
                     r = run_loop(open_loop(s.url, payloads, y, args.capacity * load, args.seconds,
                                            args.warmup, args.target_ms / 1000,
-                                           seed=int(load * 100) + 1000 * rep))
+                                           seed=int(load * 100) + 1000 * rep,
+                                           connections=args.connections))
                     cells[(config, load)].append(r)
                     print(f"# repeat {rep + 1}, {load:g}x, {config}: goodput {r['goodput']:.0f}/s,"
-                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%",
+                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%, 429 {r['429']}, "
+                          f"no connection {r['no_connection']}, client CPU {r['client_cpu'] * 100:.0f}%",
                           file=sys.stderr, flush=True)
     finally:
         for s in servers.values():
@@ -366,7 +398,9 @@ def sweep(args: argparse.Namespace) -> int:
     for (config, load), runs in cells.items():
         r = median_row(runs)
         r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
-                 queue_rows=queue_rows, machine=machine(), model=manifest["name"],
+                 floor=default_floor(manifest),
+                 queue_rows=queue_rows, queue_wait_ms=args.queue_wait_ms,
+                 connections=args.connections, machine=machine(), model=manifest["name"],
                  seconds=args.seconds)
         rows.append(r)
     print(HEADER)
@@ -382,8 +416,9 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 HEADER = ("| load | configuration | offered/s | goodput/s (median) | goodput/s, each repeat | "
-          "answered/s | p50 ms | p99 ms | 429 | 503 | other | accuracy | mean exit block | "
-          "load generator CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "answered/s | p50 ms | p99 ms | 429 | 503 | other | no free connection | accuracy | "
+          "mean exit block | load generator CPU | generator lag p99 ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
@@ -391,8 +426,10 @@ def print_row(r: dict, flush: bool = False) -> None:
     each = ", ".join(f"{c['goodput']:.0f}" for c in r.get("repeats", [r]))
     print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
           f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']:.0f} | "
-          f"{r['503']:.0f} | {other} | {r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
-          f"{r.get('client_cpu', math.nan) * 100:.0f}% |", flush=flush)
+          f"{r['503']:.0f} | {other} | {r.get('no_connection', math.nan):.0f} | "
+          f"{r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
+          f"{r.get('client_cpu', math.nan) * 100:.0f}% | {r.get('client_lag_p99', math.nan):.1f} |",
+          flush=flush)
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -422,6 +459,8 @@ def plot(args: argparse.Namespace) -> int:
             ax.errorbar(loads, mid, yerr=spread, fmt=style, capsize=3, label=config)
     ax1.set_xlabel("offered load (x capacity)")
     ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s),\nmedian and range")
+    if first.get("floor") is not None:
+        ax2.axhline(first["floor"] * 100, color="grey", linestyle=":", label="floor (default)")
     ax2.set_xlabel("offered load (x capacity)")
     ax2.set_ylabel("accuracy of the answers (%)")
     for ax in (ax1, ax2):
@@ -456,6 +495,16 @@ def main() -> int:
     sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
     sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
     sw.add_argument("--warmup", type=float, default=2.0)
+    sw.add_argument("--queue-ms", type=float, default=None,
+                    help="admission queue (HFF_QUEUE_BOUND) as this many ms of --capacity "
+                         "(default: half the target)")
+    sw.add_argument("--queue-wait-ms", type=float, default=0.0,
+                    help="HFF_QUEUE_WAIT_S in ms: how long a request past the queue bound waits "
+                         "for room before 429 (default 0: open-loop arrivals past capacity gain "
+                         "nothing by waiting, and 0 refuses on the hot path)")
+    sw.add_argument("--connections", type=int, default=512,
+                    help="keep-alive connections the generator sends over; an arrival that finds "
+                         "none free is not sent and counts under 'no free connection'")
     sw.add_argument("--repeats", type=int, default=3,
                     help="interleaved repeats of every cell; the table shows their median")
     sw.add_argument("--results", default=None, help="JSON file the rows are merged into")

@@ -10,7 +10,8 @@ the same instance as a KServe v2 binary tensor. Every server is up at once and i
 loaded, and the servers are interleaved within each repeat, so the machine's drift lands on all of
 them alike. The load is wrk (`-t2`, or `-t1` for one connection; a Lua script posts the body) or,
 without wrk, bench/serve_load.py's closed-loop uvloop generator. --cifar adds cifar-cnn over
-KServe binary at 64 connections against the in-process onnxruntime ceiling at batch 64.
+KServe binary at 64 connections (the defaults, and max batch 32) against the in-process
+onnxruntime ceilings (batch 64 and 32 one call at a time, and two calls of 32 at once).
 Peers: bench/peer_servers.py (what each runs, and its settings).
 """
 
@@ -172,7 +173,8 @@ def main() -> int:
                         "ceiling (made with random weights when the dir is missing)")
     p.add_argument("--servers", nargs="+", default=["hff", "mosec", "litserve"],
                    choices=[*HFF_CONFIGS, "mosec", "litserve"])
-    p.add_argument("--connections", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--connections", type=int, nargs="*", default=[1, 64, 256],
+                   help="digits rows at these connection counts (none: only --cifar's rows)")
     p.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--designs", type=Path, nargs="+", default=[],
@@ -206,7 +208,7 @@ def main() -> int:
     started: list = []
     targets: list[Target] = []
     try:
-        for name in [*designs, *args.servers]:
+        for name in [*designs, *args.servers] if args.connections else []:
             if name in HFF_CONFIGS or name in designs:
                 server = (Server(args.digits, source=designs[name]) if name in designs
                           else Server(args.digits, **HFF_CONFIGS[name]))
@@ -254,29 +256,66 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
           f"{f' (+{socket} socket errors)' if socket else ''} |", flush=True)
 
 
+# cifar-cnn's served configurations (HFF_* settings) and in-process ceilings (batch rows, calls
+# at once with the cores shared out between them): batch 64 is the server's largest batch; the
+# server at 64 connections settles on two batches of 32 (one runs while the other's clients
+# turn around), so the ceiling at 32 is the one at the same batch size; two one-thread calls
+# of 32 at once is the best this machine's onnxruntime does in process
+CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32}}
+CIFAR_CEILINGS = [(64, 1), (32, 1), (32, 2)]
+
+
+def mean_batch(url: str) -> float:
+    """The server's mean batch size so far, from its hff_batch_size histogram."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    total = {}
+    for line in text.splitlines():
+        if line.startswith(("hff_batch_size_sum{", "hff_batch_size_count{")):
+            key = line.split("{", 1)[0]
+            total[key] = total.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return total.get("hff_batch_size_sum", 0.0) / max(1.0, total.get("hff_batch_size_count", 0.0))
+
+
 def cifar_rows(args: argparse.Namespace, run_one) -> None:
-    """cifar-cnn, early exit off, KServe binary at 64 connections, interleaved with the ceiling."""
+    """cifar-cnn, early exit off, KServe binary at 64 connections, interleaved with the
+    in-process ceilings."""
     manifest = json.loads((args.cifar / "manifest.json").read_text())
     shape = manifest["input"]["shape"]
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
-    server = Server(args.cifar)
     payload = kserve_binary_payload(manifest["name"], image, early_exit="off")
+    servers: dict[str, Server] = {}
     try:
+        for name, settings in CIFAR_SERVED.items():
+            servers[name] = Server(args.cifar, **settings)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            run_one(server.url, payload, 64, 1, work)
-            served, ceilings = [], []
+            for server in servers.values():
+                run_one(server.url, payload, 64, 1, work)
+            served: dict[str, list[dict]] = {name: [] for name in servers}
+            ceilings: dict[tuple[int, int], list[dict]] = {c: [] for c in CIFAR_CEILINGS}
             for _ in range(args.repeats):
-                ceilings.append({**ceiling(args.cifar, 64, shape, args.seconds), "non2xx": 0,
-                                 "socket": 0})
-                served.append(run_one(server.url, payload, 64, args.seconds, work))
-        emit("cifar-cnn", "onnxruntime in process, batch 64 (instances/s)", "-", ceilings)
-        emit("cifar-cnn", "hff (KServe binary, early exit off)", 64, served)
-        ratio = np.median([r["throughput"] for r in served]) / np.median(
-            [r["throughput"] for r in ceilings])
-        print(f"# cifar-cnn served / ceiling: {ratio:.0%}")
+                for batch, concurrent in CIFAR_CEILINGS:
+                    ceilings[batch, concurrent].append(
+                        {**ceiling(args.cifar, batch, shape, args.seconds, concurrent),
+                         "non2xx": 0, "socket": 0})
+                for name, server in servers.items():
+                    served[name].append(run_one(server.url, payload, 64, args.seconds, work))
+        medians = {}
+        for (batch, concurrent), runs in ceilings.items():
+            how = "one call at a time" if concurrent == 1 else f"{concurrent} calls at once"
+            emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how} (instances/s)", "-",
+                 runs)
+            medians[batch, concurrent] = np.median([r["throughput"] for r in runs])
+        for name, runs in served.items():
+            emit("cifar-cnn", f"{name} (KServe binary, early exit off; mean batch "
+                              f"{mean_batch(servers[name].url):.1f})", 64, runs)
+        for name, runs in served.items():
+            tput = np.median([r["throughput"] for r in runs])
+            print(f"# cifar-cnn {name} / ceiling: " + ", ".join(
+                f"batch {b} x{c} {tput / m:.0%}" for (b, c), m in medians.items()))
     finally:
-        server.close()
+        for server in servers.values():
+            server.close()
 
 
 if __name__ == "__main__":

@@ -354,21 +354,36 @@ def run_loop(coroutine):
     return uvloop.run(coroutine)
 
 
-def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float) -> dict:
+def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float,
+            concurrent: int = 1) -> dict:
     """model.onnx in process at `batch` rows, through the server's own runtime (same sessions,
-    threads and options; no HTTP, no queue)."""
-    from app.runtime import ModelRuntime
+    threads and options; no HTTP, no queue). `concurrent` > 1: that many threads each run a
+    batch at once, with the cores shared out between them as HFF_CONCURRENT_BATCHES does."""
+    import threading
 
-    runtime = ModelRuntime(model_dir, device="cpu", max_batch_size=batch)
+    from app.runtime import ModelRuntime, available_cores
+
+    runtime = ModelRuntime(model_dir, device="cpu", max_batch_size=batch,
+                           threads=max(1, available_cores() // concurrent))
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     for _ in range(3):
         runtime.run_full(x)
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        runtime.run_full(x)
-        calls += 1
-    per_call = (time.perf_counter() - t0) / calls
-    return {"throughput": batch / per_call, "p50": per_call * 1000, "p99": float("nan")}
+    calls = [0] * concurrent
+    t0 = time.perf_counter()
+
+    def run(i: int) -> None:
+        while time.perf_counter() - t0 < seconds:
+            runtime.run_full(x)
+            calls[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(concurrent)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_call = (time.perf_counter() - t0) / sum(calls)  # wall seconds per batch, all threads
+    return {"throughput": batch / per_call, "p50": per_call * concurrent * 1000,
+            "p99": float("nan")}
 
 
 def test_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:

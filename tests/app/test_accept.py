@@ -15,8 +15,10 @@ import socket
 
 import numpy as np
 import pytest
+import uvicorn
 
 from app.accept import EagerListener
+from app.main import DrainingServer
 from tests.app.conftest import ServerProcess
 
 QUEUED = 100
@@ -69,3 +71,35 @@ def test_connections_opened_together_are_each_answered_and_drained(digits_model_
         code = srv.stop()
     assert code == 0, srv.log()
     assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_the_uvicorn_internals_the_listener_takes_over_are_still_there():
+    """DrainingServer.startup (app/main.py) replaces uvicorn's `servers` with EagerListeners,
+    building the protocol as uvicorn does; a uvicorn release that renames those internals must
+    fail here, not quietly serve with one accept a turn."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async def go() -> tuple[list[object], bytes]:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="error")
+        config.load()
+        server = DrainingServer(config, repository=None)  # type: ignore[arg-type]
+        server.lifespan = config.lifespan_class(config)  # as uvicorn's Server._serve does
+        await server.startup()
+        assert server.started
+        listeners = list(server.servers)
+        port = listeners[0].sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        await server.shutdown()
+        return listeners, answer
+
+    listeners, answer = asyncio.run(go())
+    assert listeners and all(isinstance(s, EagerListener) for s in listeners)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")

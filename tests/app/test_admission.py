@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from app.admission import MIN_ROW_BYTES, Admission
+import pytest
+
+from app.admission import MIN_ROW_BYTES, Admission, Busy
 from app.decoding import InputSpec
 from app.metrics import Metrics
 
@@ -39,3 +41,24 @@ def test_binary_bodies_reserve_whole_fp32_rows():
 
     # 32 such requests fit a 64-row bound at once
     assert asyncio.run(admit_many(32)) == 64
+
+
+def test_without_a_wait_a_full_queue_refuses_at_once_instead_of_handing_over():
+    """HFF_QUEUE_WAIT_S 0: no line to wait in, so try_acquire (the hot path's) refuses with 429
+    itself; with a wait allowed it returns None and the request waits in line on the ASGI route."""
+    for wait, refuses in ((0.0, True), (0.05, False)):
+        a = Admission(max_rows=2, max_bytes=1 << 30, max_wait_s=wait, max_instances=1,
+                      metrics=Metrics())
+        first = a.try_acquire(10, 10, 1e9)
+        second = a.try_acquire(10, 10, 1e9)
+        assert first is not None and second is not None and a.rows == 2
+        if refuses:
+            with pytest.raises(Busy) as refused:
+                a.try_acquire(10, 10, 1e9)
+            assert refused.value.status == 429 and "HFF_QUEUE_WAIT_S" in refused.value.message
+            assert refused.value.headers == {"Retry-After": "1"}
+        else:
+            assert a.try_acquire(10, 10, 1e9) is None
+        assert a.rows == 2  # a refusal reserves nothing
+        a.release(first)
+        assert a.try_acquire(10, 10, 1e9) is not None

@@ -198,3 +198,27 @@ def test_connection_close_closes_after_the_answer(hot_server, digits_test_split)
         [(head, _)] = read_responses(s, 1)
         assert b"connection: close" in head.lower()
         assert s.recv(1) == b""  # closed by the server
+
+
+def test_with_no_queue_wait_a_full_queue_is_refused_at_once(digits_model_dir, digits_test_split,
+                                                           tmp_path):
+    """HFF_QUEUE_WAIT_S 0 and room for one row: concurrent requests past it get a 429 with
+    Retry-After and words naming the settings, the others their answers; no 5xx, and the
+    connections stay open for the next request. (That the hot path refuses them itself rather
+    than handing them to the ASGI route: test_admission's try_acquire test.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = request("/predict", json.dumps({"instances": [instance(digits_test_split)]}).encode())
+    with limited_server(digits_model_dir, tmp_path / "server.log", queue_bound=1,
+                        queue_wait_s=0) as srv:
+        def client(_: int) -> list[tuple[bytes, bytes]]:
+            return send(srv.url, raw * 8, count=8)  # pipelined on one keep-alive connection
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [a for batch in pool.map(client, range(16)) for a in batch]
+    statuses = [int(head.split()[1]) for head, _ in answers]
+    assert set(statuses) == {200, 429}, statuses
+    refused = [(head, body) for (head, body), s in zip(answers, statuses, strict=True) if s == 429]
+    head, body = refused[0]
+    assert b"retry-after: 1" in head.lower()
+    assert "HFF_QUEUE_WAIT_S" in json.loads(body)["error"]
