@@ -13,7 +13,7 @@ run_dir="${HFF_RUN_DIR:-/runs/$dataset}"
 epochs="${HFF_TRAIN_EPOCHS:-}"  # empty: the data set's default below, else the trainer's
 batch=""
 if [ "$dataset" = fashion-mnist ]; then  # the README's Fashion-MNIST recipe (Makefile TRAIN_ARGS)
-    epochs="${epochs:-18}"
+    epochs="${epochs:-24}"
     batch=128
 fi
 
