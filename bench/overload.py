@@ -186,7 +186,7 @@ async def open_loop(url: str, payloads: list[Payload], labels: np.ndarray, rate:
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
     client_cpu = (time.process_time() - cpu) / (time.perf_counter() - t_start)
-    for conn in pool + idle:
+    for conn in idle:  # every task is done: each live connection is back in idle
         await conn.close()
     lat = np.array(latencies or [float("nan")]) * 1000
     ok = counts.pop(200, 0)

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -266,14 +267,13 @@ CIFAR_CEILINGS = [(64, 1), (32, 1), (32, 2)]
 
 
 def mean_batch(url: str) -> float:
-    """The server's mean batch size so far, from its hff_batch_size histogram."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    total = {}
-    for line in text.splitlines():
-        if line.startswith(("hff_batch_size_sum{", "hff_batch_size_count{")):
-            key = line.split("{", 1)[0]
-            total[key] = total.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return total.get("hff_batch_size_sum", 0.0) / max(1.0, total.get("hff_batch_size_count", 0.0))
+    """The server's mean batch size so far, from its hff_batch_size histogram (all models)."""
+    totals = {"hff_batch_size_sum": 0.0, "hff_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["hff_batch_size_sum"] / max(1.0, totals["hff_batch_size_count"])
 
 
 def cifar_rows(args: argparse.Namespace, run_one) -> None:

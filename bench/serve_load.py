@@ -358,7 +358,8 @@ def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float,
             concurrent: int = 1) -> dict:
     """model.onnx in process at `batch` rows, through the server's own runtime (same sessions,
     threads and options; no HTTP, no queue). `concurrent` > 1: that many threads each run a
-    batch at once, with the cores shared out between them as HFF_CONCURRENT_BATCHES does."""
+    batch at once, with the cores shared out between them (available_cores() // concurrent
+    onnxruntime threads each)."""
     import threading
 
     from app.runtime import ModelRuntime, available_cores
