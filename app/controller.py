@@ -50,6 +50,12 @@ def floor_accuracy(point: OperatingPoint) -> float | None:
     return point.expected_accuracy
 
 
+def default_floor(points: list[OperatingPoint]) -> float | None:
+    """HFF_MIN_ACCURACY's default: the calibrated point's expected accuracy minus 2 points."""
+    calibrated = points[0].expected_accuracy
+    return None if calibrated is None else calibrated - DEFAULT_FLOOR_MARGIN
+
+
 class LoadController:
     def __init__(self, points: list[OperatingPoint], target_ms: float | None = None,
                  min_accuracy: float | None = None, high: float = 0.25, low: float = 0.1,
@@ -58,9 +64,8 @@ class LoadController:
                  warmup_batches: int = 32, smoothing_s: float | None = None):
         if not points:
             raise ValueError("at least one operating point is needed (the calibrated one)")
-        calibrated = points[0].expected_accuracy
-        if min_accuracy is None and calibrated is not None:
-            min_accuracy = calibrated - DEFAULT_FLOOR_MARGIN
+        if min_accuracy is None:
+            min_accuracy = default_floor(points)
         self.min_accuracy = min_accuracy
         # the usable points: the calibrated one always, cheaper ones down to the floor
         usable = [points[0]]

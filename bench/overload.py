@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.controller import DEFAULT_FLOOR_MARGIN  # noqa: E402 - after the path set-up
+from app.controller import default_floor  # noqa: E402 - after the path set-up
 from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_load does
     Payload,
     RawConnection,
@@ -57,6 +57,7 @@ from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_l
     run_loop,
     test_images,
 )
+from contract.model_dir import load_manifest  # noqa: E402
 
 CONFIGS = ("run-to-the-end, fixed", "stage-level, fixed", "stage-level, adaptive",
            "run-to-the-end, adaptive")
@@ -358,13 +359,6 @@ def median_row(cells: list[dict]) -> dict:
     return row
 
 
-def default_floor(manifest: dict) -> float | None:
-    """HFF_MIN_ACCURACY's default: the calibrated point's expected accuracy minus 2 points."""
-    points = manifest.get("early_exit", {}).get("operating_points") or [{}]
-    calibrated = points[0].get("expected_accuracy")
-    return None if calibrated is None else calibrated - DEFAULT_FLOOR_MARGIN
-
-
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
     # the admission queue holds what the server can answer in --queue-ms (half the target)
@@ -398,7 +392,7 @@ def sweep(args: argparse.Namespace) -> int:
     for (config, load), runs in cells.items():
         r = median_row(runs)
         r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
-                 floor=default_floor(manifest),
+                 floor=default_floor(load_manifest(args.model).operating_points),
                  queue_rows=queue_rows, queue_wait_ms=args.queue_wait_ms,
                  connections=args.connections, machine=machine(), model=manifest["name"],
                  seconds=args.seconds)
