@@ -83,6 +83,10 @@ RUN pip install --no-cache-dir --no-deps . \
 FROM builder AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_CERT
+# jemalloc: hff-train re-executes itself on it (training/allocator.py; README, Malloc).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb
 COPY --from=requirements /src/train.txt requirements.txt
 RUN --mount=type=bind,from=wheels,target=/run/wheels \
     pip install --no-cache-dir --find-links /run/wheels \

@@ -4,7 +4,8 @@ Headline: HFF (every block trained by its own local loss) and backprop on the sa
 recipe (by default the data set's: hff-train's epochs, batch, learning rate, augmentation, erasing
 and label smoothing for fashion-mnist), several seeds: mean ± std of the final-block test accuracy,
 every block's test accuracy and the deepest block's separation, training wall time and images/s,
-and peak training memory (HFF / backprop) from bench/train_memory.py at batch 256.
+and peak training memory (HFF / backprop) from bench/train_memory.py at batch 256 (its last
+line: on the malloc hff-train runs on, jemalloc when installed).
 FF rows (`--ff`): the SymBa Forward-Forward baseline and the free-riding variants (cumulative
 gamma 0 and 0.7, and the three remedies) on a lighter backbone and fewer epochs (--ff-preset,
 --ff-epochs), as in bench/digits_table.py.

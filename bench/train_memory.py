@@ -1,17 +1,27 @@
 """Peak training memory and images/s of HFF local training vs backprop on one architecture.
 
 Each objective trains in its own fresh process (so one cannot inherit the other's peak) on
-synthetic CIFAR-shaped batches, with the trainer's own optimizer, autocast and memory layout:
+synthetic CIFAR-shaped batches, with the trainer's own optimizer, autocast and memory layout,
+once per malloc: glibc's, and jemalloc (what hff-train re-executes itself on when it is
+installed, training/allocator.py) when it is:
 
     python bench/train_memory.py                          # cifar-cnn, batch 256, on CPU
+    python bench/train_memory.py --preset fmnist-vgg --precision bf16 --threads 2
     python bench/train_memory.py --device cuda --steps 300  # on a GPU: max_memory_allocated
 
-Memory on CPU is the process's peak resident set (VmHWM); "training" memory is that peak minus
-the resident set just before the first step (torch, the model and the batches are loaded by then),
-which is what the objective itself adds: activations kept for backward, gradients and the
-optimizer state. On CUDA it is torch.cuda.max_memory_allocated against memory_allocated before the
-first step. Run it on a quiet machine; images/s on shared cores is noisy, so compare the two
-objectives within one run only.
+Memory on CPU is measured three ways, each as HFF against backprop:
+- training: the process's peak resident set (VmHWM) minus the resident set just before the
+  first step (torch, the model and the batches are loaded by then);
+- own: the same without the pages of torch's libraries that the first step pages in (code it
+  had not run yet: clean, file-backed, shared with every process mapping them), so only the
+  process's own memory: gradients, optimizer state, activations kept for backward,
+  temporaries, oneDNN's generated kernels, and what the malloc keeps of what was freed;
+- tensor: gradients and optimizer state plus the peak of torch's CPU allocations during one
+  more step, from torch.profiler's memory events: the floor any malloc has to hold, the CPU's
+  counterpart of the CUDA figure.
+On CUDA it is torch.cuda.max_memory_allocated against memory_allocated before the first step.
+Run it on a quiet machine; images/s on shared cores is noisy, so compare the cells within one
+run only (they are interleaved).
 """
 
 from __future__ import annotations
@@ -27,20 +37,52 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from training import allocator  # noqa: E402  (torch-free: the parent process stays light)
+
 LAYOUTS = ("contiguous", "channels-last")
 
 
 def _rss_kib(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process in KiB, from /proc (Linux)."""
+    """VmRSS (now), VmHWM (peak), RssFile or RssShmem of this process in KiB, from /proc
+    (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _mapped_kib() -> int:
+    """The resident pages mapped from files (the libraries' code and data) and shared memory:
+    the part of the resident set that is not this process's own allocations."""
+    return _rss_kib("RssFile") + _rss_kib("RssShmem")
+
+
+def tensor_peak_bytes(model, optimizer, step, i: int) -> int:
+    """The most tensor bytes training holds at once in one more step (after VmHWM is read: the
+    profiler's own buffers must not count): the gradients and optimizer state alive as it
+    starts, plus the peak of torch's CPU allocations and frees during it (activations kept for
+    backward, temporaries). The malloc cannot change this figure: it is what any allocator has
+    to hold, the CPU's counterpart of CUDA's max_memory_allocated."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def nbytes(tensors) -> int:
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+
+    state = nbytes(p.grad for p in model.parameters()) + nbytes(
+        v for s in optimizer.state.values() for v in s.values() if hasattr(v, "untyped_storage"))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(i)
+    live = peak = 0
+    events = prof.profiler.kineto_results.events()
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()  # + allocated, - freed
+        peak = max(peak, live)
+    return state + peak
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One objective, in this process: train `steps` batches and report memory and speed."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from model.config import preset_config
@@ -88,6 +130,7 @@ def worker(args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_kib("VmRSS") * 1024
+        mapped_before = _mapped_kib() * 1024
     for i in range(args.warmup):
         step(i)
     sync()
@@ -97,13 +140,23 @@ def worker(args: argparse.Namespace) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    # The first step pages in code of torch's libraries it had not run yet (backward kernels,
+    # oneDNN): clean file pages, shared with every process that maps them, counted in VmHWM
+    # but not allocated by training. They stay resident, so at the peak they were what they are
+    # now; the process's own memory at its peak is VmHWM minus them.
+    anon_train = None if device.type == "cuda" else (
+        peak - _mapped_kib() * 1024 - (base - mapped_before))
+    tensor_peak = None if device.type == "cuda" else tensor_peak_bytes(model, optimizer, step, args.steps)
     return {
         "objective": args.objective,
         "peak_mib": peak / 2**20,
         "base_mib": base / 2**20,
         "train_mib": (peak - base) / 2**20,
+        "anon_mib": None if anon_train is None else anon_train / 2**20,
+        "tensor_mib": None if tensor_peak is None else tensor_peak / 2**20,
         "images_per_s": args.steps * args.batch_size / elapsed,
         "threads": torch.get_num_threads(),
+        "allocator": allocator.active(),
         "channels_last": channels_last,
         "precision": args.precision,
         "torch": torch.__version__,
@@ -112,33 +165,56 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
+def allocator_env(name: str) -> dict[str, str]:
+    """The environment of a worker on malloc `name`: glibc's (nothing preloaded), or jemalloc
+    preloaded as hff-train does it (training/allocator.py), with its default settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    if name == "glibc":
+        return env
+    library = allocator.find_jemalloc()
+    if library is None:
+        sys.exit("jemalloc is not installed (apt-get install libjemalloc2); "
+                 "measure with --allocators glibc")
+    return allocator.preload_env(env, library)
+
+
 def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | None = None,
-                      layout: str | None = None) -> dict:
+                      layout: str | None = None, malloc: str = "glibc") -> dict:
     threads = args.threads if threads is None else threads
     cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, "--threads", str(threads),
            "--layout", layout or args.layout, "--precision", args.precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env=allocator_env(malloc))
     if proc.returncode != 0:
         sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["allocator"] != malloc:
+        sys.exit(f"worker for {objective} ran on {result['allocator']}, not {malloc}")
+    return result
 
 
 def sweep(args: argparse.Namespace) -> None:
     """Both objectives at 1 and all threads, contiguous and channels-last: one process each."""
     settings = [(t, layout) for t in sorted({1, os.cpu_count() or 1}) for layout in LAYOUTS]
+    malloc = args.allocators[-1]
     print(f"# setting sweep: {args.preset}, batch {args.batch_size}, {args.steps} timed steps, "
-          "one process per cell")
+          f"one process per cell, {malloc}")
     print("| threads | layout | HFF images/s | backprop images/s | HFF training MiB | "
           "backprop training MiB |")
     print("|---|---|---|---|---|---|")
     for threads, layout in settings:
-        hff, bp = (run_in_subprocess(args, o, threads, layout) for o in ("hff", "backprop"))
+        hff, bp = (run_in_subprocess(args, o, threads, layout, malloc) for o in ("hff", "backprop"))
         print(f"| {threads} | {layout} "
               f"| {hff['images_per_s']:.1f} | {bp['images_per_s']:.1f} | {hff['train_mib']:.0f} "
               f"| {bp['train_mib']:.0f} |", flush=True)
     print()
+
+
+def default_allocators() -> list[str]:
+    """glibc's, then jemalloc's (what hff-train runs on) when it is installed."""
+    return ["glibc", "jemalloc"] if allocator.find_jemalloc() else ["glibc"]
 
 
 def main() -> None:
@@ -156,6 +232,11 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="the training step's arithmetic, as hff-train's --precision (auto: bf16 "
                         "on CUDA, fp32 on the CPU)")
+    p.add_argument("--allocators", nargs="+", choices=("glibc", "jemalloc"),
+                   default=default_allocators(),
+                   help="the mallocs to measure, each in its own processes (default: glibc and, "
+                        "when installed, jemalloc, which hff-train uses; the last line is the "
+                        "last one's)")
     p.add_argument("--sweep", action="store_true",
                    help="first, one process per objective at 1 and all threads, contiguous and "
                         "channels-last, to show each objective's fastest setting")
@@ -168,34 +249,52 @@ def main() -> None:
 
     if args.sweep:
         sweep(args)
-    results: dict[str, list[dict]] = {"hff": [], "backprop": []}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        for objective in results:
-            results[objective].append(run_in_subprocess(args, objective))
-    first = results["hff"][0]
+    cells = [(m, o) for m in args.allocators for o in ("hff", "backprop")]
+    results: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every cell alike
+        for malloc, objective in cells:
+            results[malloc, objective].append(run_in_subprocess(args, objective, malloc=malloc))
+    first = results[cells[0]][0]
     kind = "GPU max_memory_allocated" if args.device == "cuda" else "CPU peak RSS (VmHWM)"
     print(f"# {args.preset}, batch {args.batch_size}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.repeats} processes per objective, {args.device}")
+          f"{args.warmup} warm-up, {args.repeats} processes per objective and malloc, {args.device}")
     print(f"# machine: {platform.node()} {platform.machine()} {first['device_name'] or ''} "
           f"{os.cpu_count()} cpus, torch {first['torch']} ({first['threads']} threads), "
           f"python {platform.python_version()}, {first['params']:,} parameters")
     print(f"# memory: {kind}; training = peak - before the first step (median over processes); "
           f"layout {'channels-last' if first['channels_last'] else 'contiguous'}, "
-          f"precision {first['precision']}")
-    header = f"{'objective':<10} {'peak MiB':>9} {'before MiB':>10} {'training MiB':>12} {'images/s':>9}"
+          f"precision {first['precision']}; own = training without the library code pages the "
+          "first step pages in (VmHWM - RssFile - RssShmem, against the same before it); "
+          "tensor = gradients + optimizer state + the peak of "
+          "torch's allocations in one profiled step (any malloc's floor)")
+    header = (f"{'malloc':<9} {'objective':<10} {'peak MiB':>9} {'before MiB':>10} "
+              f"{'training MiB':>12} {'own MiB':>8} {'tensor MiB':>10} {'images/s':>9}")
     print(header)
     print("-" * len(header))
     med = {}
-    for objective, rows in results.items():
-        med[objective] = {k: statistics.median(r[k] for r in rows)
-                          for k in ("peak_mib", "base_mib", "train_mib", "images_per_s")}
-        m = med[objective]
-        print(f"{objective:<10} {m['peak_mib']:>9.0f} {m['base_mib']:>10.0f} "
-              f"{m['train_mib']:>12.0f} {m['images_per_s']:>9.1f}")
-    h, b = med["hff"], med["backprop"]
-    print(f"HFF / backprop: training memory {h['train_mib'] / b['train_mib']:.2f}, "
-          f"whole-process peak {h['peak_mib'] / b['peak_mib']:.2f}, "
-          f"images/s {h['images_per_s'] / b['images_per_s']:.2f}")
+    for (malloc, objective), rows in results.items():
+        med[malloc, objective] = m = {
+            k: statistics.median(r[k] for r in rows)
+            for k in ("peak_mib", "base_mib", "train_mib", "anon_mib", "tensor_mib",
+                      "images_per_s")
+            if rows[0][k] is not None}
+        own = f"{m['anon_mib']:>8.0f}" if "anon_mib" in m else f"{'-':>8}"
+        tensor = f"{m['tensor_mib']:>10.0f}" if "tensor_mib" in m else f"{'-':>10}"
+        print(f"{malloc:<9} {objective:<10} {m['peak_mib']:>9.0f} {m['base_mib']:>10.0f} "
+              f"{m['train_mib']:>12.0f} {own} {tensor} {m['images_per_s']:>9.1f}")
+    base = args.allocators[0]
+    for malloc in args.allocators[1:]:
+        print(f"{malloc} / {base} images/s: " + ", ".join(
+            f"{o} {med[malloc, o]['images_per_s'] / med[base, o]['images_per_s']:.2f}"
+            for o in ("hff", "backprop")))
+    for malloc in args.allocators:
+        h, b = med[malloc, "hff"], med[malloc, "backprop"]
+        tensor = (f"own memory {h['anon_mib'] / b['anon_mib']:.2f}, "
+                  f"tensor bytes {h['tensor_mib'] / b['tensor_mib']:.2f}, "
+                  if "tensor_mib" in h else "")
+        print(f"HFF / backprop ({malloc}): training memory {h['train_mib'] / b['train_mib']:.2f}, "
+              f"{tensor}whole-process peak {h['peak_mib'] / b['peak_mib']:.2f}, "
+              f"images/s {h['images_per_s'] / b['images_per_s']:.2f}")
 
 
 if __name__ == "__main__":

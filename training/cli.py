@@ -22,7 +22,7 @@ from model.checkpoint import (
     load_config,
 )
 from model.config import FFConfig, ModelConfig, list_presets, preset_config
-from training import distributed
+from training import allocator, distributed
 from training.data import DataError, list_datasets, load_dataset
 from training.ff_objectives import FFTrainConfig
 from training.flags import add_flags, given
@@ -196,6 +196,12 @@ def print_summary(metrics: dict, out: Path, wall_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a caller in-process: jemalloc when installed
+        try:
+            allocator.reexec_with_jemalloc()
+        except allocator.AllocatorError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

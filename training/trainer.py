@@ -45,7 +45,7 @@ from model.checkpoint import (
 )
 from model.config import ModelConfig
 from model.factory import build_model
-from training import distributed
+from training import allocator, distributed
 from training.data import DataSplits, random_erasing
 from training.diagnostics import block_report
 from training.distributed import SINGLE, DistInfo
@@ -361,6 +361,7 @@ class Trainer:
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "final_test_accuracy": test.get("final_accuracy", test["accuracy"][-1]),
             "world_size": self.dist.world_size,
+            "allocator": allocator.active(),  # the malloc it trained on (training/allocator.py)
             "test": test,
             "val": val,
             "history": [r.model_dump() for r in self.history],

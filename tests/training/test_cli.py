@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import load_checkpoint
 from tests.conftest import REPO, run_module
-from training import cli
+from training import allocator, cli
 
 
 @pytest.mark.slow
@@ -26,6 +26,8 @@ def test_run_writes_complete_checkpoint_dir(digits_run):
     assert metrics["epochs"] == 12
     assert len(metrics["test"]["accuracy"]) == len(metrics["test"]["separation"]) == 3
     assert metrics["final_test_accuracy"] == metrics["test"]["accuracy"][-1] > 0.9
+    # hff-train re-executed itself on jemalloc where it is installed (training/allocator.py).
+    assert metrics["allocator"] == ("jemalloc" if allocator.find_jemalloc() else "glibc")
     rows = (digits_run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 13 and rows[0].startswith("epoch,lr,time_s,train_loss_1")
     config, model = load_checkpoint(digits_run)
