@@ -3,31 +3,36 @@
 Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
     python bench/overload.py saturate --model models/digits32            # capacity, both schedulers
     python bench/overload.py points --model models/digits32    # what each operating point can buy
-    python bench/overload.py sweep --model models/digits32 --capacity 900 \\
-        --loads 0.5 1 1.5 2 3 --results docs/overload.json           # appends rows, prints them
+    python bench/overload.py sweep --model models/digits32 --loads 0.5 1 \\
+        --results docs/overload.json                                 # merges rows, prints them
     python bench/overload.py plot --results docs/overload.json --out docs/overload.png
 
 Four server configurations, the same in everything else (one onnxruntime thread, max batch 64,
 the admission queue sized to the latency target so that no configuration queues for seconds:
-capacity x half the target in rows (--queue-ms), a request that finds it full refused at once
-(--queue-wait-ms 0: open-loop arrivals gain nothing by waiting, and 0 refuses on the hot path),
-and HFF_MAX_INSTANCES 1, since every request carries one image):
+capacity x a quarter of the target in rows (--queue-ms; several values run every configuration
+at each), a request that finds it full refused at once (--queue-wait-ms 0: open-loop arrivals
+gain nothing by waiting, and 0 refuses on the hot path), and HFF_MAX_INSTANCES 1, since every
+request carries one image):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
   run-to-the-end, adaptive  HFF_SCHEDULING=batch (the default) with the same controller
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
-schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
-Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
-binary tensors) for `--seconds` after a warm-up, over a pool of `--connections` keep-alive
-connections opened beforehand (an arrival that finds none free is not sent and is counted as
-"no free connection"); latency counts from each request's scheduled arrival, so a client that
-falls behind shows as latency, not as a lighter load, and each cell reports the generator's CPU
-share and how late it sent. Goodput is the answers (200) within the target per second. Every
-cell is repeated (`--repeats`), the configurations interleaved (A B C D A B C D), and the table
-shows each figure's median and every repeat's goodput; `points` measures, per operating point,
-the inference time per row and the capacity it predicts. Every server runs on CPU 0 and the
-load generator on CPU 1 where the machine has two.
+schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` measures
+that capacity first (run-to-the-end, median of three runs, unless --capacity gives it: this
+machine's speed drifts between calls) and offers Poisson arrivals at multiples of it (one
+labelled test image per request, KServe v2 binary tensors) for `--seconds` after a warm-up,
+over a pool of `--connections` keep-alive connections opened beforehand (an arrival that finds
+none free is not sent and is counted as "no free connection"); latency counts from each
+request's scheduled arrival, so a client that falls behind shows as latency, not as a lighter
+load, and each cell reports the generator's CPU share and how late it sent, the server's CPU
+share and the cores every other process used meanwhile. Goodput is the answers (200) within the
+target per second. Every cell is repeated (`--repeats`), the configurations interleaved
+(A B C D A B C D); the table shows each figure's median and every repeat's goodput, and a second
+table the adaptive/fixed goodput ratios paired by repeat with their median. `points` measures,
+per operating point, the inference time per row, the cost of a 429, and the capacity and the
+goodput past capacity it predicts. Every server runs on CPU 0 and the load generator on CPU 1
+where the machine has two.
 """
 
 from __future__ import annotations
