@@ -25,6 +25,19 @@ calls the scheduler (on the event loop, which owns every queue) picks the stage 
     cost per row is nearly flat from batch 8 up): the two measure level at saturation
     (1.00-1.02x, README "Overload benchmark"), and run-to-the-end stays the default.
 
+Whole-graph calls (rows with early exit off) on CPU run `concurrent_calls` at a time (2 by
+default, HFF_CONCURRENT_CALLS), each on its share of the cores, and one more is queued ahead:
+while the calls run, the scheduler takes the next batch shortly before the first of them should
+end and hands it to the inference threads, which start it the moment a call ends, while the
+event loop answers the finished call's rows. A call started when none has run beside another
+for OVERLAP_MEMORY (a lone request under light load) uses every core. On
+cifar-cnn at 64 connections one call at a time on both cores waited 10-20% of the time for the
+loop between calls, and ran 5-15% slower than in process while the loop took a core from under
+one of its two threads (they meet at every operator); two one-core calls side by side are
+independent (README, "Request path"). Stage calls are not run side by side nor queued ahead:
+a stage's survivors join the next stage's queue only once it has run, and the scheduler picks
+among the queues after each call.
+
 When stage 1 would run a partial batch and no other stage has work, it waits for more rows
 under load only (the batch is not a lone row and the last one was not either), until its
 oldest row has waited max_wait, so a lone request never sits out the batch window. Rows with
@@ -40,6 +53,7 @@ import asyncio
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +69,9 @@ from app.runtime import ModelRuntime
 log = logging.getLogger(__name__)
 
 Scheduling = Literal["stage", "batch"]
+
+LEAD = 0.002  # seconds before a running call's expected end that the next batch is taken
+OVERLAP_MEMORY = 0.1  # seconds after calls last overlapped that new ones still share the cores
 
 
 class QueueFull(Exception):
@@ -181,12 +198,14 @@ def stage_input(segments: list[Segment], to_host) -> Any:
     return out
 
 
-def on_thread_clock(fn, *args) -> tuple[Any, float]:
-    """fn(*args) and the CPU seconds the calling thread spent in it: the inference thread's own
-    work, without the time it waited for the core while the event loop held it."""
-    started = time.thread_time()
+def on_thread_clock(fn, *args) -> tuple[Any, float, float]:
+    """fn(*args), the wall seconds it took and the CPU seconds the calling thread spent in it
+    (the inference thread's own work, without the time it waited for the core while the event
+    loop held it). Both are measured where fn runs: a call queued behind another does not count
+    its wait."""
+    started, cpu = time.perf_counter(), time.thread_time()
     out = fn(*args)
-    return out, time.thread_time() - started
+    return out, time.perf_counter() - started, time.thread_time() - cpu
 
 
 def job_runs(jobs: list[Job]) -> list[tuple[Job, int, int]]:
@@ -205,13 +224,15 @@ class Batcher:
     def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, queue_bound: int = 4096,
                  scheduling: Scheduling = "batch", controller: LoadController | None = None,
-                 inline_below_ms: float = 0.0):
+                 inline_below_ms: float = 0.0, concurrent_calls: int = 1):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (e.g. 64), got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more (e.g. 2.0), got {max_wait_ms}")
         if queue_bound < 1:
             raise ValueError(f"queue_bound must be at least 1 (e.g. 4096), got {queue_bound}")
+        if concurrent_calls < 1:
+            raise ValueError(f"concurrent_calls must be at least 1, got {concurrent_calls}")
         if scheduling not in ("stage", "batch"):
             raise ValueError(f"scheduling must be 'stage' or 'batch', got {scheduling!r}")
         self.runtime = runtime
@@ -233,7 +254,14 @@ class Batcher:
         self._closing = False
         self._last_rows = 0
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hff-infer")
+        self.concurrent_calls = concurrent_calls
+        self._executor = ThreadPoolExecutor(max_workers=concurrent_calls,
+                                            thread_name_prefix="hff-infer")
+        self._ahead: set[asyncio.Task] = set()  # whole-graph calls handed to the threads
+        # inference thread -> its last call's (start, rows); rows 0 once it has ended
+        self._running: dict[int, tuple[float, int]] = {}
+        self._row_seconds = 0.0  # recent wall seconds per row of a whole-graph call
+        self._overlapped = -math.inf  # when a whole-graph call last started beside others
         self.accepted_requests = 0
         self.answered_requests = 0
         # queue gauges read when /metrics is scraped: set on every change they cost a lock (and
@@ -411,14 +439,15 @@ class Batcher:
                 self._steer()
         return True
 
-    async def _fill_stage_one(self, batch: list[Segment]) -> list[Segment]:
-        """Stage 1 with a partial batch and nothing else to do: wait for more, under load only."""
+    async def _fill_stage_one(self, batch: list[Segment], limit: int) -> list[Segment]:
+        """Stage 1 with a partial batch (of at most `limit` rows) and nothing else to do: wait
+        for more, under load only."""
         rows = sum(s.size for s in batch)
-        if not batch or rows >= self.max_batch_size or self.max_wait <= 0 or self._closing \
+        if not batch or rows >= limit or self.max_wait <= 0 or self._closing \
                 or (rows <= 1 and self._last_rows <= 1) or any(self._queued[1:]):
             return batch
         deadline = min(s.entered for s in batch) + self.max_wait
-        while rows < self.max_batch_size:
+        while rows < limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -428,72 +457,140 @@ class Batcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            more = self._take(0, self.max_batch_size - rows)
+            more = self._take(0, limit - rows)
             batch += more
             rows += sum(s.size for s in more)
         return batch
 
     async def _schedule_forever(self) -> None:
         while await self._wait_for_work():
+            calls = self.concurrent_calls
+            if len(self._ahead) > calls:  # every thread busy and the next call waiting
+                await asyncio.wait(self._ahead, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if len(self._ahead) == calls:  # take the next batch shortly before a call ends
+                # (at once when one has ended and the loop has not yet heard)
+                ends = [start + self._row_seconds * n for start, n in list(self._running.values())]
+                wait = min(ends, default=0.0) - LEAD - time.monotonic()
+                if wait > 0:
+                    await asyncio.wait(self._ahead, timeout=wait)
+                    continue
             self._steer()
             stage = self._pick(time.monotonic())
             if stage is None:
                 continue
-            batch = self._take(stage, self.max_batch_size)
+            limit = self.max_batch_size
+            if stage == 0 and len(self._ahead) < calls and self._goes_ahead(self._queues[0][:1]):
+                # a thread is idle: part of a batch now, and the next taken while it runs; a
+                # full one (or a wait for it) left the model idle while every client's next
+                # request came in (one batch of 64 at 64 connections, not batches in turn)
+                limit = max(1, self.max_batch_size // (calls + 1))
+            batch = self._take(stage, limit)
             if stage == 0:
-                batch = await self._fill_stage_one(batch)
+                batch = await self._fill_stage_one(batch, limit)
             if not batch:
                 continue
             rows = sum(s.size for s in batch)
             if stage == 0:
                 self._last_rows = rows
             self.metrics.batch_size.observe(rows)
-            try:
-                await self._run(stage, batch)
-            except Exception as e:  # a bug or a broken graph: fail these requests, keep serving
-                log.exception("stage %d on %d rows failed", stage + 1, rows)
-                for seg in batch:
-                    for job, lo, hi in job_runs(seg.jobs):
-                        job.finish(e)
-                        job.abandoned = True  # its rows in other queues are dropped
-                        self._release(job, hi - lo)
+            if stage == 0 and self._goes_ahead(batch):
+                task = asyncio.create_task(self._run_or_fail(stage, batch, rows, ahead=True,
+                                                             shared=self._beside_others()))
+                self._ahead.add(task)
+                task.add_done_callback(self._ahead.discard)
+                continue
+            if self._ahead:  # a stage call goes after the calls handed over already
+                await asyncio.wait(self._ahead)
+            await self._run_or_fail(stage, batch, rows)
+        if self._ahead:
+            await asyncio.wait(self._ahead)
+
+    def _beside_others(self) -> bool:
+        """Will the next whole-graph call run beside others (and so on its share of the
+        cores)? Yes while calls are in flight, and for a moment after: under steady load the
+        calls in flight drop to none between two batches now and then, and a call on every
+        core that then overlaps the next one (threads + 1 on the cores) held both up. A lone
+        request at light load runs on every core."""
+        now = time.monotonic()
+        if self._ahead and self.concurrent_calls > 1:
+            self._overlapped = now
+        return now - self._overlapped < OVERLAP_MEMORY
+
+    def _goes_ahead(self, segments: list[Segment]) -> bool:
+        """Stage 1's `segments` are one model.onnx call on the inference thread: it may be
+        queued there behind the call running now (module docstring)."""
+        if not segments or self._call_cpu.get(-1, 0.0) < self.inline_below:
+            return False
+        return not self.runtime.has_stages or all(s.jobs[0].thresholds is None for s in segments)
+
+    async def _run_or_fail(self, stage: int, batch: list[Segment], rows: int,
+                           ahead: bool = False, shared: bool = False) -> None:
+        try:
+            await self._run(stage, batch, ahead, shared)
+        except Exception as e:  # a bug or a broken graph: fail these requests, keep serving
+            log.exception("stage %d on %d rows failed", stage + 1, rows)
+            for seg in batch:
+                for job, lo, hi in job_runs(seg.jobs):
+                    job.finish(e)
+                    job.abandoned = True  # its rows in other queues are dropped
+                    self._release(job, hi - lo)
 
     # --- running a stage -------------------------------------------------------------------
 
-    async def _run(self, stage: int, batch: list[Segment]) -> None:
+    async def _run(self, stage: int, batch: list[Segment], ahead: bool = False,
+                   shared: bool = False) -> None:
+        """Run a batch and deliver what it answers; `ahead`: a whole-graph call handed to the
+        inference threads (never on the loop, which may be running another); `shared`: it
+        runs beside other calls, on its share of the cores."""
         if stage == 0:
             off = [s for s in batch if s.jobs[0].thresholds is None or not self.runtime.has_stages]
             if off:
                 batch = [s for s in batch if s not in off]
-                started = time.monotonic()
-                per_block, cpu = await self._call(
-                    -1, self.runtime.run_full, stage_input(off, self._host))
-                self._ran(time.monotonic() - started, cpu)
+                x = stage_input(off, self._host)
+                per_block, seconds, cpu = await self._call(-1, self.runtime.run_full, x,
+                                                           shared, on_thread=ahead)
+                # busy seconds of the model: a call beside others had a share of the cores
+                self._ran(seconds / self.concurrent_calls if shared else seconds, cpu)
+                per_row = seconds / len(x)
+                self._row_seconds += 0.2 * (per_row - self._row_seconds) if self._row_seconds \
+                    else per_row
                 self._answer_full(off, per_block)
             if not batch:
                 return
         rows = sum(s.size for s in batch)
-        started = time.monotonic()
-        out, cpu = await self._call(stage, self._stage_call, stage, batch, rows)
-        seconds = time.monotonic() - started
+        out, seconds, cpu = await self._call(stage, self._stage_call, stage, batch, rows)
         self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
         self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
 
-    async def _call(self, key: int, fn, *args) -> tuple[Any, float]:
-        """fn(*args) (stage `key`, -1: the whole graph) and its CPU seconds: on the event loop
+    async def _call(self, key: int, fn, *args, on_thread: bool = False
+                    ) -> tuple[Any, float, float]:
+        """fn(*args) (stage `key`, -1: the whole graph), its wall and CPU seconds: on the event loop
         when its recent calls took less CPU than `inline_below`, else on the inference thread.
         For a small model the hand-off to the thread and the GIL's way back to the loop cost
         more than running the call where the batch already is (README, "Request path")."""
         recent = self._call_cpu.get(key, 0.0)
-        if recent < self.inline_below:
-            out, cpu = on_thread_clock(fn, *args)
+        if recent < self.inline_below and not on_thread:
+            out, seconds, cpu = on_thread_clock(fn, *args)
             await asyncio.sleep(0)  # let the loop read what arrived meanwhile before the next pick
         else:
-            out, cpu = await asyncio.get_running_loop().run_in_executor(
-                self._executor, on_thread_clock, fn, *args)
+            out, seconds, cpu = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._on_thread, fn, *args)
         self._call_cpu[key] = recent + 0.2 * (cpu - recent) if key in self._call_cpu else cpu
-        return out, cpu
+        return out, seconds, cpu
+
+    def _on_thread(self, fn, *args) -> tuple[Any, float, float]:
+        """On an inference thread: note when the call began and on how many rows (the
+        scheduler takes the next batch shortly before a call should end), then run it."""
+        first = args[0] if args and isinstance(args[0], np.ndarray) else None
+        me = threading.get_ident()
+        started = time.monotonic()
+        self._running[me] = (started, 0 if first is None else len(first))
+        try:
+            return on_thread_clock(fn, *args)
+        finally:
+            self._running[me] = (started, 0)  # ended: a thread free for the next batch now
 
     def _ran(self, seconds: float, cpu_seconds: float) -> None:
         if self.controller is not None:

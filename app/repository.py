@@ -232,7 +232,8 @@ class ModelRepository:
         """A version's runtime (its graphs checked against the manifest), not warmed up yet."""
         s = self.settings
         runtime = ModelRuntime(v.path, device=s.DEVICE, threads=s.THREADS,
-                               max_batch_size=s.MAX_BATCH_SIZE)
+                               max_batch_size=s.MAX_BATCH_SIZE,
+                               concurrent_calls=s.CONCURRENT_CALLS)
         if self.root is not None and runtime.manifest.name != v.model:
             log.info("model %s version %s: its manifest names it %r; the repository's directory "
                      "name is the name it is served by", v.model, v.version, runtime.manifest.name)

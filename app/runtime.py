@@ -75,7 +75,7 @@ class ModelRuntime:
     """Loads a model dir and runs it; not thread-safe by itself (the batcher uses one thread)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", threads: int = 0,
-                 max_batch_size: int = 64):
+                 max_batch_size: int = 64, spinning: bool = False, concurrent_calls: int = 1):
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
         self.threads = threads or available_cores()
@@ -86,12 +86,21 @@ class ModelRuntime:
         options.inter_op_num_threads = 1  # graphs run one at a time: never oversubscribe the cores
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads must not spin: the event loop needs those cores between calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle intra-op threads must not spin: the event loop needs those cores between calls
+        # (`spinning` is for bench/serve_load.py's in-process ceiling, which has no loop).
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if spinning else "0")
         self.full = self._session(self.manifest.full_graph, options, providers)
         self.stages = [self._session(s.file, options, providers) for s in self.manifest.stages]
         self.providers = self.full.get_providers()
         self.on_cuda = self.providers[0] == CUDA
+        # whole-graph calls that run beside others (app.batcher) share the cores out: a second
+        # session of model.onnx with threads // concurrent_calls threads (CPU only)
+        self.concurrent_calls = 1 if self.on_cuda else max(1, min(concurrent_calls, self.threads))
+        self.full_shared = self.full
+        if self.concurrent_calls > 1:
+            options.intra_op_num_threads = max(1, self.threads // self.concurrent_calls)
+            self.full_shared = self._session(self.manifest.full_graph, options, providers)
         if CUDA in providers and not self.on_cuda:
             log.warning("onnxruntime could not start the CUDA provider (no GPU?): serving on the CPU")
         self.device = "cuda" if self.on_cuda else "cpu"
@@ -159,10 +168,12 @@ class ModelRuntime:
         pad = np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)
         return np.concatenate([x, pad])  # (n, ...) -> (bucket, ...)
 
-    def run_full(self, x: np.ndarray) -> list[np.ndarray]:
-        """Every block's probabilities, (rows, num_classes) each, from model.onnx in one call."""
+    def run_full(self, x: np.ndarray, shared: bool = False) -> list[np.ndarray]:
+        """Every block's probabilities, (rows, num_classes) each, from model.onnx in one call;
+        `shared`: other calls run at the same time, so on this call's share of the threads."""
         n = x.shape[0]
-        outputs = self.full.run(self.full_outputs, {GRAPH_INPUT: self._pad(x)})
+        session = self.full_shared if shared else self.full
+        outputs = session.run(self.full_outputs, {GRAPH_INPUT: self._pad(x)})
         return [o[:n] for o in outputs]
 
     def run_stage(self, k: int, x: Any, rows: int) -> StageOutput:
@@ -208,6 +219,8 @@ class ModelRuntime:
             x = np.zeros((b, c, h, w), dtype=np.float32)
             try:
                 outputs = self.run_full(x)
+                if self.full_shared is not self.full:
+                    outputs += self.run_full(x, shared=True)
                 features: Any = x
                 for k in range(len(self.stages)):
                     out = self.run_stage(k, features, b)

@@ -97,7 +97,8 @@ class Service:
                           queue_bound=self.settings.QUEUE_BOUND,
                           scheduling=self.settings.SCHEDULING, controller=self.controller,
                           inline_below_ms=(self.settings.INLINE_CALL_MS
-                                           if self.runtime.device == "cpu" else 0.0))
+                                           if self.runtime.device == "cpu" else 0.0),
+                          concurrent_calls=self.runtime.concurrent_calls)
         batcher.start()
         self.batcher = batcher
         self.warmed = True

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     SHUTDOWN_TIMEOUT_S: float = Field(30.0, ge=0.0)  # after SIGTERM, requests still open are cut
     DEVICE: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime offers it
     THREADS: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads; 0 = cores we may use
+    # on CPU, whole-graph calls (early exit off) run this many at a time, the threads shared out
+    # between them; a call that runs alone has them all (app.batcher); 1: one call at a time
+    CONCURRENT_CALLS: int = Field(2, ge=1, le=64)
     # on CPU, a model call whose recent CPU time is under this runs on the event loop instead of
     # the inference thread (small models: the hand-off costs more than it overlaps); 0 = never
     INLINE_CALL_MS: float = Field(1.0, ge=0.0, le=1000.0)

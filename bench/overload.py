@@ -3,31 +3,36 @@
 Usage (cifar-cnn trained on digits32: `make models/digits32/manifest.json`):
     python bench/overload.py saturate --model models/digits32            # capacity, both schedulers
     python bench/overload.py points --model models/digits32    # what each operating point can buy
-    python bench/overload.py sweep --model models/digits32 --capacity 900 \\
-        --loads 0.5 1 1.5 2 3 --results docs/overload.json           # appends rows, prints them
+    python bench/overload.py sweep --model models/digits32 --loads 0.5 1 \\
+        --results docs/overload.json                                 # merges rows, prints them
     python bench/overload.py plot --results docs/overload.json --out docs/overload.png
 
 Four server configurations, the same in everything else (one onnxruntime thread, max batch 64,
 the admission queue sized to the latency target so that no configuration queues for seconds:
-capacity x half the target in rows (--queue-ms), a request that finds it full refused at once
-(--queue-wait-ms 0: open-loop arrivals gain nothing by waiting, and 0 refuses on the hot path),
-and HFF_MAX_INSTANCES 1, since every request carries one image):
+capacity x a quarter of the target in rows (--queue-ms; several values run every configuration
+at each), a request that finds it full refused at once (--queue-wait-ms 0: open-loop arrivals
+gain nothing by waiting, and 0 refuses on the hot path), and HFF_MAX_INSTANCES 1, since every
+request carries one image):
   run-to-the-end, fixed   HFF_SCHEDULING=batch, the calibrated thresholds
   stage-level, fixed      HFF_SCHEDULING=stage, the calibrated thresholds
   stage-level, adaptive   HFF_SCHEDULING=stage, HFF_LATENCY_TARGET_MS=<target> (default floor)
   run-to-the-end, adaptive  HFF_SCHEDULING=batch (the default) with the same controller
 `saturate` measures capacity: closed-loop clients that keep 128 requests outstanding, both
-schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` offers
-Poisson arrivals at multiples of that capacity (one labelled test image per request, KServe v2
-binary tensors) for `--seconds` after a warm-up, over a pool of `--connections` keep-alive
-connections opened beforehand (an arrival that finds none free is not sent and is counted as
-"no free connection"); latency counts from each request's scheduled arrival, so a client that
-falls behind shows as latency, not as a lighter load, and each cell reports the generator's CPU
-share and how late it sent. Goodput is the answers (200) within the target per second. Every
-cell is repeated (`--repeats`), the configurations interleaved (A B C D A B C D), and the table
-shows each figure's median and every repeat's goodput; `points` measures, per operating point,
-the inference time per row and the capacity it predicts. Every server runs on CPU 0 and the
-load generator on CPU 1 where the machine has two.
+schedulers at the calibrated point, interleaved repeats, with test accuracy. `sweep` measures
+that capacity first (run-to-the-end, median of three runs, unless --capacity gives it: this
+machine's speed drifts between calls) and offers Poisson arrivals at multiples of it (one
+labelled test image per request, KServe v2 binary tensors) for `--seconds` after a warm-up,
+over a pool of `--connections` keep-alive connections opened beforehand (an arrival that finds
+none free is not sent and is counted as "no free connection"); latency counts from each
+request's scheduled arrival, so a client that falls behind shows as latency, not as a lighter
+load, and each cell reports the generator's CPU share and how late it sent, the server's CPU
+share and the cores every other process used meanwhile. Goodput is the answers (200) within the
+target per second. Every cell is repeated (`--repeats`), the configurations interleaved
+(A B C D A B C D); the table shows each figure's median and every repeat's goodput, and a second
+table the adaptive/fixed goodput ratios paired by repeat with their median. `points` measures,
+per operating point, the inference time per row, the cost of a 429, and the capacity and the
+goodput past capacity it predicts. Every server runs on CPU 0 and the load generator on CPU 1
+where the machine has two.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.controller import default_floor  # noqa: E402 - after the path set-up
+from app.controller import LoadController, default_floor  # noqa: E402 - after the path set-up
 from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_load does
     Payload,
     RawConnection,
@@ -94,6 +99,13 @@ def cpu_seconds(server: Server) -> float:
     bottleneck then."""
     fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def start(model: Path, config: str, target_ms: float, queue_rows: int,
@@ -256,11 +268,16 @@ def inference_cost(model: Path, seconds: float) -> list[dict]:
 
 
 def points(args: argparse.Namespace) -> int:
-    """What a cheaper operating point can buy: a server answers about 1 / (h + i) requests a
-    second, h the CPU time of everything but inference per request (HTTP, decoding, the
-    batcher: measured as the saturated server's CPU per answer minus i at point 0) and i the
-    inference time per row at the point; the ratio of those capacities is the most an
-    adaptive server can gain over a fixed one that holds its own capacity past overload."""
+    """What a cheaper operating point can buy. A saturated server answers about 1 / (h + i)
+    requests a second, h the CPU time of everything but inference per request (HTTP, decoding,
+    the batcher: measured as the saturated server's CPU per answer minus i at point 0) and i the
+    inference time per row at the point; the ratio of those capacities is what an adaptive
+    server gains over a fixed one when neither refuses anything. Past capacity both also refuse,
+    r CPU seconds per 429 (measured on a fixed server offered twice its capacity, its admission
+    queue 25 ms: its CPU less its answers' h + i, per refusal). With a core's second going to
+    A answers and L - A refusals, A = (1 - L r) / (h + i - r), so at any load past capacity
+    the goodput ratio of a server at point p to one at point 0 is (h + i0 - r) / (h + ip - r):
+    the dearer a refusal is against an answer's own work, the more a cheaper point gains."""
     manifest, payloads, y = load_inputs(args.model, args.images)
     costs = inference_cost(args.model, args.seconds)
     server = start(args.model, CONFIGS[0], args.target_ms, 4096)
@@ -271,23 +288,45 @@ def points(args: argparse.Namespace) -> int:
         share = (cpu_seconds(server) - cpu) / (time.perf_counter() - wall)
     finally:
         server.close()
-    per_answer = share / r["throughput"] * 1e6
-    rest = per_answer - costs[0]["inference_us"]
+    per_answer = share / r["throughput"]
+    rest = per_answer - costs[0]["inference_us"] / 1e6
+    capacity = r["throughput"]
+    server = start(args.model, CONFIGS[0], args.target_ms, max(8, int(capacity * 0.025)))
+    try:
+        run_loop(open_loop(server.url, payloads, y, capacity, 1.0, 0.5, args.target_ms / 1000, 0,
+                           args.connections))
+        cpu, wall = cpu_seconds(server), time.perf_counter()
+        over = run_loop(open_loop(server.url, payloads, y, 2 * capacity, args.seconds, 0.0,
+                                  args.target_ms / 1000, 1, args.connections))
+        over_share = (cpu_seconds(server) - cpu) / (time.perf_counter() - wall)
+    finally:
+        server.close()
+    refused_per_s = over["429"] / args.seconds
+    refusal = max(0.0, over_share - over["throughput"] * per_answer) / max(refused_per_s, 1e-9)
+    operating_points = load_manifest(args.model).operating_points
+    floor = default_floor(operating_points)
+    usable = len(LoadController(operating_points, args.target_ms).points)  # as the server does
     print(f"# operating points of {manifest['name']} ({manifest['preset']} on "
           f"{manifest['dataset']}); {machine()}")
-    print(f"# saturated server (run-to-the-end, point 0): {r['throughput']:.0f} answers/s at "
-          f"{share * 100:.0f}% CPU = {per_answer:.0f} us a request, of which inference "
-          f"{costs[0]['inference_us']:.0f} us ({costs[0]['inference_us'] / per_answer * 100:.0f}%) "
-          f"and the rest (HTTP, decoding, batcher) {rest:.0f} us")
-    print("| point | val accuracy | accuracy lower bound | val compute | inference us/row | "
-          "predicted capacity vs point 0 |")
-    print("|---|---|---|---|---|---|")
+    print(f"# saturated server (run-to-the-end, point 0): {capacity:.0f} answers/s at "
+          f"{share * 100:.0f}% CPU = {per_answer * 1e6:.0f} us a request, of which inference "
+          f"{costs[0]['inference_us']:.0f} us ({costs[0]['inference_us'] / per_answer / 1e4:.0f}%)"
+          f" and the rest (HTTP, decoding, batcher) {rest * 1e6:.0f} us")
+    print(f"# the same, offered 2x: {over['throughput']:.0f} answers/s and {refused_per_s:.0f} "
+          f"429s/s at {over_share * 100:.0f}% CPU = {refusal * 1e6:.0f} us a refusal; default "
+          f"floor {'-' if floor is None else f'{floor * 100:.2f}%'}")
+    print("| point | val accuracy | accuracy lower bound | usable (default floor) | val compute | "
+          "inference us/row | predicted capacity vs point 0 | predicted goodput vs point 0 past "
+          "capacity (refusals counted) |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in costs:
-        ratio = (rest + costs[0]["inference_us"]) / (rest + c["inference_us"])
+        dear, cheap = per_answer, rest + c["inference_us"] / 1e6
         bound = c["accuracy_lower_bound"]
         print(f"| {c['point']} | {c['expected_accuracy'] * 100:.2f}% | "
               f"{'-' if bound is None else f'{bound * 100:.2f}%'} | "
-              f"{c['compute_fraction'] * 100:.1f}% | {c['inference_us']:.0f} | {ratio:.2f}x |")
+              f"{'yes' if c['point'] < usable else 'no'} | "
+              f"{c['compute_fraction'] * 100:.1f}% | {c['inference_us']:.0f} | "
+              f"{dear / cheap:.2f}x | {(dear - refusal) / (cheap - refusal):.2f}x |")
     return 0
 
 
@@ -348,26 +387,51 @@ def median_row(cells: list[dict]) -> dict:
     """One configuration at one load over its repeats: the median of each figure (refusals
     too), with every repeat's own figures kept under "repeats"."""
     keys = ("goodput", "throughput", "p50", "p99", "accuracy", "mean_exit_block", "429", "503",
-            "no_connection", "client_cpu", "client_lag_p99")
-    row = {k: float(np.median([c[k] for c in cells])) for k in keys}
+            "no_connection", "client_cpu", "client_lag_p99", "server_cpu", "others_cpu")
+    row = {k: float(np.median([c.get(k, math.nan) for c in cells])) for k in keys}
     other: dict[str, int] = {}
     for c in cells:
         for k, v in c["other"].items():
             other[k] = other.get(k, 0) + v
     row.update(offered=cells[0]["offered"], other=other,
-               repeats=[{k: c[k] for k in (*keys, "other")} for c in cells])
+               repeats=[{k: c.get(k, math.nan) for k in (*keys, "other")} for c in cells])
     return row
+
+
+def measure_capacity(args: argparse.Namespace, payloads: list[Payload], y: np.ndarray) -> float:
+    """Run-to-the-end at the calibrated point, closed loop (as `saturate`), median of three
+    runs of --seconds: the capacity the sweep's loads are multiples of, measured in the same
+    call, since this machine's speed drifts by up to 1.5x between calls minutes apart."""
+    server = start(args.model, CONFIGS[0], args.target_ms, 4096)
+    try:
+        run_loop(closed_loop(server.url, payloads, y, 128, 1.0, 0.5))
+        runs = [run_loop(closed_loop(server.url, payloads, y, 128, args.seconds, 0.5))
+                for _ in range(3)]
+    finally:
+        server.close()
+    each = [r["throughput"] for r in runs]
+    capacity = float(np.median(each))
+    print(f"# capacity: {capacity:.0f} images/s (runs: {', '.join(f'{v:.0f}' for v in each)})",
+          file=sys.stderr, flush=True)
+    return capacity
 
 
 def sweep(args: argparse.Namespace) -> int:
     manifest, payloads, y = load_inputs(args.model, args.images)
-    # the admission queue holds what the server can answer in --queue-ms (half the target)
-    queue_rows = max(8, int(args.capacity * (args.queue_ms or args.target_ms / 2) / 1000))
+    if not args.capacity:
+        args.capacity = measure_capacity(args, payloads, y)
+    # the admission queue holds what the server can answer in --queue-ms (default a quarter of
+    # the target): past capacity the refusals take a share of the core and the machine's speed
+    # drifts, so a fixed server answers well under its capacity and a queue of half the target
+    # held 70-90 ms of its work (answers crowding the target: goodput swung 2x between repeats);
+    # several values run every configuration at each, as configurations of their own
+    queues = args.queue_ms or [args.target_ms / 4]
     configs = [c for c in CONFIGS if c in args.configs] if args.configs else list(CONFIGS)
-    servers = {c: start(args.model, c, args.target_ms, queue_rows, args.queue_wait_ms)
-               for c in configs}
-    cells: dict[tuple[str, float], list[dict]] = {(c, load): [] for c in configs
-                                                  for load in args.loads}
+    variants = [(c, q) for c in configs for q in queues]
+    servers = {v: start(args.model, v[0], args.target_ms, queue_rows(args.capacity, v[1]),
+                        args.queue_wait_ms) for v in variants}
+    cells: dict[tuple[str, float, float], list[dict]] = {(c, q, load): [] for c, q in variants
+                                                         for load in args.loads}
     try:
         for s in servers.values():  # warm-up
             run_loop(open_loop(s.url, payloads, y, args.capacity * 0.5, 1.0, 0.5,
@@ -375,54 +439,109 @@ def sweep(args: argparse.Namespace) -> int:
         # repeats interleaved (A B C A B C): a slow spell of the machine hits every configuration
         for rep in range(args.repeats):
             for load in args.loads:
-                for config, s in servers.items():
+                for (config, q), s in servers.items():
+                    cpu, busy, mine = cpu_seconds(s), machine_busy_seconds(), time.process_time()
+                    wall = time.perf_counter()
                     r = run_loop(open_loop(s.url, payloads, y, args.capacity * load, args.seconds,
                                            args.warmup, args.target_ms / 1000,
                                            seed=int(load * 100) + 1000 * rep,
                                            connections=args.connections))
-                    cells[(config, load)].append(r)
-                    print(f"# repeat {rep + 1}, {load:g}x, {config}: goodput {r['goodput']:.0f}/s,"
-                          f" p50 {r['p50']:.1f} ms, accuracy {r['accuracy'] * 100:.2f}%, 429 {r['429']}, "
-                          f"no connection {r['no_connection']}, client CPU {r['client_cpu'] * 100:.0f}%",
+                    # over the whole cell (its warm-up too): how much of its core the server used,
+                    # and how many cores everything else on the machine took meanwhile (other
+                    # sessions' processes that /work/bin/quiet does not pause)
+                    wall = time.perf_counter() - wall
+                    server = cpu_seconds(s) - cpu
+                    r["server_cpu"] = server / wall
+                    r["others_cpu"] = max(0.0, machine_busy_seconds() - busy - server
+                                          - (time.process_time() - mine)) / wall
+                    cells[(config, q, load)].append(r)
+                    print(f"# repeat {rep + 1}, {load:g}x, {label(config, q, queues)}: goodput "
+                          f"{r['goodput']:.0f}/s, p50 {r['p50']:.1f} ms, accuracy "
+                          f"{r['accuracy'] * 100:.2f}%, 429 {r['429']}, no connection "
+                          f"{r['no_connection']}, client CPU {r['client_cpu'] * 100:.0f}%, "
+                          f"server CPU {r['server_cpu'] * 100:.0f}%, "
+                          f"other processes {r['others_cpu']:.2f} cores",
                           file=sys.stderr, flush=True)
     finally:
         for s in servers.values():
             s.close()
     rows = []
-    for (config, load), runs in cells.items():
+    for (config, q, load), runs in cells.items():
         r = median_row(runs)
         r.update(config=config, load=load, capacity=args.capacity, target_ms=args.target_ms,
                  floor=default_floor(load_manifest(args.model).operating_points),
-                 queue_rows=queue_rows, queue_wait_ms=args.queue_wait_ms,
+                 queue_ms=q, queue_rows=queue_rows(args.capacity, q),
+                 queue_wait_ms=args.queue_wait_ms, label=label(config, q, queues),
                  connections=args.connections, machine=machine(), model=manifest["name"],
                  seconds=args.seconds)
         rows.append(r)
     print(HEADER)
-    for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
+    for r in sorted(rows, key=row_order):
         print_row(r)
+    print_ratios(cells, args.loads, queues)
     if args.results:
         path = Path(args.results)
         old = json.loads(path.read_text()) if path.is_file() else []
-        keep = [o for o in old if (o["config"], o["load"]) not in {(r["config"], r["load"])
-                                                                     for r in rows}]
+        new = {(r["config"], r["load"], r["queue_ms"]) for r in rows}
+        keep = [o for o in old if (o["config"], o["load"], o.get("queue_ms")) not in new]
         path.write_text(json.dumps(keep + rows, indent=1) + "\n")
     return 0
 
 
+def queue_rows(capacity: float, queue_ms: float) -> int:
+    return max(8, int(capacity * queue_ms / 1000))
+
+
+def label(config: str, queue_ms: float, queues: list[float]) -> str:
+    return config if len(queues) == 1 else f"{config}, queue {queue_ms:g} ms"
+
+
+def row_order(r: dict) -> tuple:
+    return r["load"], CONFIGS.index(r["config"]), r.get("queue_ms") or 0
+
+
+def print_ratios(cells: dict[tuple[str, float, float], list[dict]], loads: list[float],
+                 queues: list[float]) -> None:
+    """Adaptive goodput over fixed, paired by repeat: the configurations of one repeat ran
+    back to back, so each pair saw the same state of the machine; the median of the paired
+    ratios is what the target is checked with. 'best fixed' is, in each repeat, whichever fixed
+    configuration (at whichever queue size) answered more within the target."""
+    variants = sorted({(c, q) for c, q, _ in cells}, key=lambda v: (CONFIGS.index(v[0]), v[1]))
+    fixed = [v for v in variants if v[0].endswith("fixed")]
+    adaptive = [v for v in variants if v[0].endswith("adaptive")]
+    if not fixed or not adaptive:
+        return
+    print("\n| load | adaptive | against | goodput ratio, median of paired repeats | each repeat |")
+    print("|---|---|---|---|---|")
+    for load in loads:
+        for a in adaptive:
+            good = [c["goodput"] for c in cells[(*a, load)]]
+            against = {label(*f, queues): [c["goodput"] for c in cells[(*f, load)]]
+                       for f in fixed}
+            if len(fixed) > 1:
+                against["best fixed"] = [max(v) for v in zip(*against.values(), strict=True)]
+            for name, base in against.items():
+                ratios = [g / b if b else math.inf for g, b in zip(good, base, strict=True)]
+                print(f"| {load:g}x | {label(*a, queues)} | {name} | {np.median(ratios):.2f}x | "
+                      f"{', '.join(f'{v:.2f}' for v in ratios)} |")
+
+
 HEADER = ("| load | configuration | offered/s | goodput/s (median) | goodput/s, each repeat | "
           "answered/s | p50 ms | p99 ms | 429 | 503 | other | no free connection | accuracy | "
-          "mean exit block | load generator CPU | generator lag p99 ms |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "mean exit block | load generator CPU | generator lag p99 ms | server CPU | "
+          "other processes, cores |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     other = ", ".join(f"{k}: {v}" for k, v in r["other"].items()) or "0"
     each = ", ".join(f"{c['goodput']:.0f}" for c in r.get("repeats", [r]))
-    print(f"| {r['load']:g}x | {r['config']} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
+    print(f"| {r['load']:g}x | {r.get('label', r['config'])} | {r['offered']:.0f} | {r['goodput']:.0f} | {each} | "
           f"{r['throughput']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['429']:.0f} | "
           f"{r['503']:.0f} | {other} | {r.get('no_connection', math.nan):.0f} | "
           f"{r['accuracy'] * 100:.2f}% | {r['mean_exit_block']:.2f} | "
-          f"{r.get('client_cpu', math.nan) * 100:.0f}% | {r.get('client_lag_p99', math.nan):.1f} |",
+          f"{r.get('client_cpu', math.nan) * 100:.0f}% | {r.get('client_lag_p99', math.nan):.1f} | "
+          f"{r.get('server_cpu', math.nan) * 100:.0f}% | {r.get('others_cpu', math.nan):.2f} |",
           flush=flush)
 
 
@@ -434,25 +553,36 @@ def plot(args: argparse.Namespace) -> int:
 
     rows = json.loads(Path(args.results).read_text())
     first = rows[0]
-    print(f"# overload, {first['model']}, capacity {first['capacity']:g} images/s (run-to-the-end "
-          f"at the calibrated point), target {first['target_ms']:g} ms, admission queue "
-          f"{first['queue_rows']} rows; {first['machine']}")
+    capacities = sorted({r["capacity"] for r in rows})
+    capacity = (f"{capacities[0]:.0f}" if len(capacities) == 1 else
+                f"{capacities[0]:.0f}-{capacities[-1]:.0f} (measured in each call)")
+    queues = sorted({r["queue_rows"] for r in rows})
+    print(f"# overload, {first['model']}, capacity {capacity} images/s (run-to-the-end at the "
+          f"calibrated point), target {first['target_ms']:g} ms, admission queue "
+          f"{'-'.join(str(q) for q in (queues[0], queues[-1]) if q)} rows; {first['machine']}")
     print(HEADER)
-    for r in sorted(rows, key=lambda r: (r["load"], CONFIGS.index(r["config"]))):
+    for r in sorted(rows, key=row_order):
         print_row(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for config, style in zip(CONFIGS, ("o-", "s--", "^-", "v:"), strict=True):
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["load"])
-        if not mine:
-            continue
+    styles = dict(zip(CONFIGS, ("o-", "s--", "^-", "v:"), strict=True))
+    series = sorted({(r["config"], r.get("queue_ms") or 0, r.get("label", r["config"]))
+                     for r in rows}, key=lambda v: (CONFIGS.index(v[0]), v[1]))
+    for config, queue_ms, name in series:
+        mine = sorted((r for r in rows if r["config"] == config
+                       and (r.get("queue_ms") or 0) == queue_ms), key=lambda r: r["load"])
         loads = [r["load"] for r in mine]
-        for ax, key, scale in ((ax1, "goodput", 1), (ax2, "accuracy", 100)):
-            mid = np.array([r[key] * scale for r in mine])
-            each = [[c[key] * scale for c in r.get("repeats", [r])] for r in mine]
+        style = styles[config]
+        # goodput as a multiple of the capacity measured in the same call: the machine's speed
+        # drifts between calls, and each row's load is a multiple of its own call's capacity
+        for ax, key, scale in ((ax1, "goodput", None), (ax2, "accuracy", 100)):
+            mid = np.array([r[key] * (scale or 1 / r["capacity"]) for r in mine])
+            each = [[c[key] * (scale or 1 / r["capacity"]) for c in r.get("repeats", [r])]
+                    for r in mine]
             spread = [mid - [min(e) for e in each], [max(e) for e in each] - mid]
-            ax.errorbar(loads, mid, yerr=spread, fmt=style, capsize=3, label=config)
+            ax.errorbar(loads, mid, yerr=spread, fmt=style, capsize=3, label=name)
     ax1.set_xlabel("offered load (x capacity)")
-    ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s),\nmedian and range")
+    ax1.set_ylabel(f"goodput (answers within {first['target_ms']:g} ms per s)\n"
+                   "x capacity, median and range")
     if first.get("floor") is not None:
         ax2.axhline(first["floor"] * 100, color="grey", linestyle=":", label="floor (default)")
     ax2.set_xlabel("offered load (x capacity)")
@@ -460,8 +590,7 @@ def plot(args: argparse.Namespace) -> int:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{first['model']}: open-loop Poisson arrivals, capacity "
-                 f"{first['capacity']:g} images/s")
+    fig.suptitle(f"{first['model']}: open-loop Poisson arrivals, capacity {capacity} images/s")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"plot: {args.out}")
@@ -479,19 +608,23 @@ def main() -> int:
         s.add_argument("--images", type=int, default=2000, help="test images cycled through")
     for name in ("saturate", "points"):
         sub.choices[name].add_argument("--outstanding", type=int, default=128)
+    sub.choices["points"].add_argument("--connections", type=int, default=1024,
+                                       help="the generator's pool for the 2x run (see sweep)")
     sat = sub.choices["saturate"]
     sat.add_argument("--repeats", type=int, default=3)
     sat.add_argument("--baseline-repo", type=Path, default=None,
                      help="a checkout of the code before issue 14 (git worktree add DIR da15f04): "
                           "its run-to-the-end batcher runs beside the two")
     sw = sub.choices["sweep"]
-    sw.add_argument("--capacity", type=float, required=True, help="images/s from `saturate`")
+    sw.add_argument("--capacity", type=float, default=0,
+                    help="images/s from `saturate`; 0 (default): measured first, in this call")
     sw.add_argument("--loads", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3])
     sw.add_argument("--configs", nargs="*", default=None, help=f"a subset of {CONFIGS}")
     sw.add_argument("--warmup", type=float, default=2.0)
-    sw.add_argument("--queue-ms", type=float, default=None,
+    sw.add_argument("--queue-ms", type=float, nargs="+", default=None,
                     help="admission queue (HFF_QUEUE_BOUND) as this many ms of --capacity "
-                         "(default: half the target)")
+                         "(default: a quarter of the target); several values run every "
+                         "configuration at each")
     sw.add_argument("--queue-wait-ms", type=float, default=0.0,
                     help="HFF_QUEUE_WAIT_S in ms: how long a request past the queue bound waits "
                          "for room before 429 (default 0: open-loop arrivals past capacity gain "

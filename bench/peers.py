@@ -10,8 +10,10 @@ the same instance as a KServe v2 binary tensor. Every server is up at once and i
 loaded, and the servers are interleaved within each repeat, so the machine's drift lands on all of
 them alike. The load is wrk (`-t2`, or `-t1` for one connection; a Lua script posts the body) or,
 without wrk, bench/serve_load.py's closed-loop uvloop generator. --cifar adds cifar-cnn over
-KServe binary at 64 connections (the defaults, and max batch 32) against the in-process
-onnxruntime ceilings (batch 64 and 32 one call at a time, and two calls of 32 at once).
+KServe binary at 64 connections (the defaults, max batch 32 and one model call at a time;
+--cifar-configs picks among them, and the --designs trees run there too) against the in-process
+onnxruntime ceilings (batch 64 and 32 one call at a time, batch 32 with onnxruntime's idle threads
+spinning, and two one-thread calls of 32 at once).
 Peers: bench/peer_servers.py (what each runs, and its settings).
 """
 
@@ -182,6 +184,9 @@ def main() -> int:
                    help="also hff-serve from these source trees (e.g. `git archive main app | tar "
                         "-x -C /tmp/base`), each as hff@<dir name>, to compare designs in one run")
     p.add_argument("--no-binary", action="store_true", help="skip hff-serve's KServe binary rows")
+    p.add_argument("--cifar-configs", nargs="*", default=list(CIFAR_SERVED),
+                   choices=list(CIFAR_SERVED), help="this tree's configurations in --cifar's rows "
+                                                    "(the --designs trees run there too)")
     p.add_argument("--load", choices=["wrk", "uvloop"], default="wrk" if shutil.which("wrk") else "uvloop")
     args = p.parse_args()
     args.digits = args.digits.resolve()
@@ -239,7 +244,7 @@ def main() -> int:
                 for t in targets:
                     emit("digits", t.name, conns, runs[t.name])
         if args.cifar is not None:
-            cifar_rows(args, run_one)
+            cifar_rows(args, run_one, designs)
     finally:
         for s in started:
             s.close()
@@ -258,12 +263,15 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 
 
 # cifar-cnn's served configurations (HFF_* settings) and in-process ceilings (batch rows, calls
-# at once with the cores shared out between them): batch 64 is the server's largest batch; the
-# server at 64 connections settles on two batches of 32 (one runs while the other's clients
-# turn around), so the ceiling at 32 is the one at the same batch size; two one-thread calls
-# of 32 at once is the best this machine's onnxruntime does in process
-CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32}}
-CIFAR_CEILINGS = [(64, 1), (32, 1), (32, 2)]
+# at once with the cores shared out between them, onnxruntime's pool threads spinning when
+# idle): batch 64 is the server's largest batch; the server at 64 connections settles on two
+# batches of 32 (one runs while the other's clients turn around), so the ceilings at 32 are the
+# ones at the same batch size, with spinning off (as the server runs) and on (onnxruntime's
+# default, which the ceiling may use: it has no event loop to leave a core to); two one-thread
+# calls of 32 at once was the best this machine's onnxruntime did in process
+CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
+                "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1}}
+CIFAR_CEILINGS = [(64, 1, False), (32, 1, False), (32, 1, True), (32, 2, False)]
 
 
 def mean_batch(url: str) -> float:
@@ -276,43 +284,48 @@ def mean_batch(url: str) -> float:
     return totals["hff_batch_size_sum"] / max(1.0, totals["hff_batch_size_count"])
 
 
-def cifar_rows(args: argparse.Namespace, run_one) -> None:
-    """cifar-cnn, early exit off, KServe binary at 64 connections, interleaved with the
-    in-process ceilings."""
+def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> None:
+    """cifar-cnn, early exit off, KServe binary at 64 connections (the configurations above and
+    the --designs trees with their defaults), interleaved with the in-process ceilings."""
     manifest = json.loads((args.cifar / "manifest.json").read_text())
     shape = manifest["input"]["shape"]
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
     payload = kserve_binary_payload(manifest["name"], image, early_exit="off")
     servers: dict[str, Server] = {}
     try:
+        for name, source in designs.items():
+            servers[name] = Server(args.cifar, source=source)
         for name, settings in CIFAR_SERVED.items():
-            servers[name] = Server(args.cifar, **settings)
+            if name in args.cifar_configs:
+                servers[name] = Server(args.cifar, **settings)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             for server in servers.values():
                 run_one(server.url, payload, 64, 1, work)
             served: dict[str, list[dict]] = {name: [] for name in servers}
-            ceilings: dict[tuple[int, int], list[dict]] = {c: [] for c in CIFAR_CEILINGS}
+            ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in CIFAR_CEILINGS}
             for _ in range(args.repeats):
-                for batch, concurrent in CIFAR_CEILINGS:
-                    ceilings[batch, concurrent].append(
-                        {**ceiling(args.cifar, batch, shape, args.seconds, concurrent),
+                for batch, concurrent, spinning in CIFAR_CEILINGS:
+                    ceilings[batch, concurrent, spinning].append(
+                        {**ceiling(args.cifar, batch, shape, args.seconds, concurrent, spinning),
                          "non2xx": 0, "socket": 0})
                 for name, server in servers.items():
                     served[name].append(run_one(server.url, payload, 64, args.seconds, work))
         medians = {}
-        for (batch, concurrent), runs in ceilings.items():
+        for (batch, concurrent, spinning), runs in ceilings.items():
             how = "one call at a time" if concurrent == 1 else f"{concurrent} calls at once"
-            emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how} (instances/s)", "-",
-                 runs)
-            medians[batch, concurrent] = np.median([r["throughput"] for r in runs])
+            spin = ", idle threads spinning" if spinning else ""
+            emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how}{spin} "
+                              "(instances/s)", "-", runs)
+            medians[batch, concurrent, spinning] = np.median([r["throughput"] for r in runs])
         for name, runs in served.items():
             emit("cifar-cnn", f"{name} (KServe binary, early exit off; mean batch "
                               f"{mean_batch(servers[name].url):.1f})", 64, runs)
         for name, runs in served.items():
             tput = np.median([r["throughput"] for r in runs])
             print(f"# cifar-cnn {name} / ceiling: " + ", ".join(
-                f"batch {b} x{c} {tput / m:.0%}" for (b, c), m in medians.items()))
+                f"batch {b} x{c}{' spinning' if spin else ''} {tput / m:.0%}"
+                for (b, c, spin), m in medians.items()))
     finally:
         for server in servers.values():
             server.close()

@@ -355,17 +355,18 @@ def run_loop(coroutine):
 
 
 def ceiling(model_dir: Path, batch: int, shape: list[int], seconds: float,
-            concurrent: int = 1) -> dict:
+            concurrent: int = 1, spinning: bool = False) -> dict:
     """model.onnx in process at `batch` rows, through the server's own runtime (same sessions,
     threads and options; no HTTP, no queue). `concurrent` > 1: that many threads each run a
     batch at once, with the cores shared out between them (available_cores() // concurrent
-    onnxruntime threads each)."""
+    onnxruntime threads each). `spinning`: onnxruntime's idle pool threads spin instead of
+    sleeping (its own default, which the server turns off to leave the event loop the cores)."""
     import threading
 
     from app.runtime import ModelRuntime, available_cores
 
     runtime = ModelRuntime(model_dir, device="cpu", max_batch_size=batch,
-                           threads=max(1, available_cores() // concurrent))
+                           threads=max(1, available_cores() // concurrent), spinning=spinning)
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     for _ in range(3):
         runtime.run_full(x)

@@ -46,7 +46,7 @@ class ScriptedRuntime:
         self.stage_rows.append((k + 1, len(x)))
         return StageOutput(x, self._probs(x, k + 1))
 
-    def run_full(self, x: np.ndarray) -> list[np.ndarray]:
+    def run_full(self, x: np.ndarray, shared: bool = False) -> list[np.ndarray]:
         self.full_calls.append(len(x))
         return [self._probs(x, k) for k in range(1, BLOCKS + 1)]
 
@@ -130,6 +130,112 @@ def test_off_rows_run_the_full_graph_once_and_auto_rows_use_stages():
     assert off.exit_block.tolist() == [BLOCKS] * 3
     assert [len(bl) for bl in off.blocks] == [BLOCKS] * 3
     assert auto.exit_block.tolist() == [1]
+
+
+class GatedFullRuntime(ScriptedRuntime):
+    """ScriptedRuntime whose whole-graph calls wait on `gate`; `begun` lists the calls begun,
+    (rows, shared) each, in the order they began."""
+
+    def __init__(self):
+        super().__init__()
+        self.full_gate = threading.Event()
+        self.begun: list[tuple[int, bool]] = []
+
+    @property
+    def started(self) -> int:
+        return len(self.begun)
+
+    def run_full(self, x: np.ndarray, shared: bool = False) -> list[np.ndarray]:
+        self.begun.append((len(x), shared))
+        self.full_gate.wait(timeout=10)
+        return super().run_full(x, shared)
+
+
+def test_whole_graph_batches_are_handed_to_the_thread_one_ahead():
+    """While one model.onnx call runs, the next batch is taken and queued on the inference
+    thread (it starts the moment the first ends, without waiting for the event loop), but no
+    more than one: the rows after it stay in the queue and join a later, fuller batch. Every
+    row is still answered once, in order, and shutdown waits for the calls handed over."""
+    async def go():
+        runtime = GatedFullRuntime()
+        b = Batcher(runtime, model_metrics(), max_batch_size=8, max_wait_ms=0,
+                    inline_below_ms=0.0)
+        b.start()
+        first = b.submit(rows([0, 1], [1, 1]), None, False)
+        while runtime.started == 0:  # the first call runs (and waits on the gate)
+            await asyncio.sleep(0.001)
+        second = b.submit(rows([2], [1]), None, False)
+        await asyncio.sleep(0.05)
+        assert b.queued_rows == 0  # taken and handed to the thread behind the first call
+        later = [b.submit(rows([3 + i], [1]), None, False) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert b.queued_rows == 3  # two calls handed over: the rest waits in the queue
+        runtime.full_gate.set()
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in [first, second, *later])), 5)
+        await b.stop()
+        return runtime, [first, second, *later]
+
+    runtime, jobs = run(go())
+    assert runtime.full_calls == [2, 1, 3]  # the three later rows in one batch
+    assert [j.probs.argmax(1).tolist() for j in jobs] == [[0, 1], [2], [3], [0], [1]]
+    assert all(j.exit_block.tolist() == [BLOCKS] * len(j.exit_block) for j in jobs)
+
+
+def test_two_whole_graph_calls_run_side_by_side_and_a_third_waits_ahead():
+    """concurrent_calls=2: a second batch starts beside the running one (on its share of the
+    cores: shared=True), a third is handed over to start when one ends, and the rows after it
+    wait in the queue. A call that began alone has every core (shared=False)."""
+    async def go():
+        runtime = GatedFullRuntime()
+        b = Batcher(runtime, model_metrics(), max_batch_size=12, max_wait_ms=0,
+                    inline_below_ms=0.0, concurrent_calls=2)
+        b.start()
+        first = b.submit(rows([0, 1], [1, 1]), None, False)
+        while runtime.started == 0:
+            await asyncio.sleep(0.001)
+        second = b.submit(rows([2], [1]), None, False)
+        while runtime.started == 1:  # runs beside the first, which still waits on the gate
+            await asyncio.sleep(0.001)
+        third = b.submit(rows([3], [1]), None, False)
+        await asyncio.sleep(0.05)
+        assert b.queued_rows == 0 and runtime.started == 2  # handed over, not running yet
+        later = [b.submit(rows([4 + i], [1]), None, False) for i in range(2)]
+        await asyncio.sleep(0.05)
+        assert b.queued_rows == 2
+        runtime.full_gate.set()
+        jobs = [first, second, third, *later]
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+        await b.stop()
+        return runtime, jobs
+
+    runtime, jobs = run(go())
+    assert runtime.begun[:2] == [(2, False), (1, True)]  # alone, then beside it
+    assert sorted(n for n, _ in runtime.begun[2:]) == [1, 2]  # the two later rows together
+    assert [j.probs.argmax(1).tolist() for j in jobs] == [[0, 1], [2], [3], [0], [1]]
+
+
+def test_an_idle_thread_gets_half_a_whole_graph_batch_and_the_rest_goes_ahead():
+    """Rows waiting while the inference thread is idle: half a batch starts at once and the
+    rest is queued behind it (a full batch would leave the model idle while every client of
+    that batch sends its next request). Rows with early exit behind them run their stages as
+    before."""
+    async def go():
+        runtime = GatedFullRuntime()
+        runtime.full_gate.set()
+        b = Batcher(runtime, model_metrics(), max_batch_size=8, max_wait_ms=0,
+                    inline_below_ms=0.0)
+        off = b.submit(rows(list(range(8)), [1] * 8), None, False)
+        staged = b.submit(rows(list(range(8, 16)), [1] * 8), THRESHOLDS, False)
+        b.start()
+        await asyncio.wait_for(asyncio.gather(off.future, staged.future), 5)
+        await b.stop()
+        return runtime, off, staged
+
+    runtime, off, staged = run(go())
+    assert runtime.full_calls == [4, 4]
+    assert sum(n for block, n in runtime.stage_rows if block == 1) == 8
+    assert off.probs.argmax(1).tolist() == [i % CLASSES for i in range(8)]
+    assert staged.exit_block.tolist() == [1] * 8
 
 
 def test_a_lone_request_does_not_wait_out_the_batch_window():
