@@ -72,6 +72,7 @@ Scheduling = Literal["stage", "batch"]
 
 LEAD = 0.002  # seconds before a running call's expected end that the next batch is taken
 OVERLAP_MEMORY = 0.1  # seconds after calls last overlapped that new ones still share the cores
+SMOOTHING = 0.2  # weight of the newest sample in the batcher's running averages of call times
 
 
 class QueueFull(Exception):
@@ -196,6 +197,11 @@ def stage_input(segments: list[Segment], to_host) -> Any:
             np.take(source, seg.index, axis=0, out=out[start:stop])
         start = stop
     return out
+
+
+def running_average(old: float | None, new: float) -> float:
+    """`new` folded into the running average `old`; None (no sample yet): `new` starts it."""
+    return new if old is None else old + SMOOTHING * (new - old)
 
 
 def on_thread_clock(fn, *args) -> tuple[Any, float, float]:
@@ -553,14 +559,13 @@ class Batcher:
                 # busy seconds of the model: a call beside others had a share of the cores
                 self._ran(seconds / self.concurrent_calls if shared else seconds, cpu)
                 per_row = seconds / len(x)
-                self._row_seconds += 0.2 * (per_row - self._row_seconds) if self._row_seconds \
-                    else per_row
+                self._row_seconds = running_average(self._row_seconds or None, per_row)
                 self._answer_full(off, per_block)
             if not batch:
                 return
         rows = sum(s.size for s in batch)
         out, seconds, cpu = await self._call(stage, self._stage_call, stage, batch, rows)
-        self._stage_seconds += 0.2 * (seconds - self._stage_seconds)
+        self._stage_seconds = running_average(self._stage_seconds, seconds)
         self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
 
@@ -577,7 +582,7 @@ class Batcher:
         else:
             out, seconds, cpu = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._on_thread, fn, *args)
-        self._call_cpu[key] = recent + 0.2 * (cpu - recent) if key in self._call_cpu else cpu
+        self._call_cpu[key] = running_average(self._call_cpu.get(key), cpu)
         return out, seconds, cpu
 
     def _on_thread(self, fn, *args) -> tuple[Any, float, float]:
