@@ -2,12 +2,15 @@
 
 Each objective trains in its own fresh process (so one cannot inherit the other's peak) on
 synthetic CIFAR-shaped batches, with the trainer's own optimizer, autocast and memory layout,
-once per malloc: glibc's, and jemalloc (what hff-train re-executes itself on when it is
-installed, training/allocator.py) when it is:
+once per malloc: glibc's, and jemalloc with hff-train's settings (what hff-train re-executes
+itself on when it is installed, training/allocator.py) when it is; `--allocators` takes either
+with other settings too (jemalloc:MALLOC_CONF, glibc:GLIBC_TUNABLES), each its own cells:
 
     python bench/train_memory.py                          # cifar-cnn, batch 256, on CPU
     python bench/train_memory.py --preset fmnist-vgg --precision bf16 --threads 2
     python bench/train_memory.py --device cuda --steps 300  # on a GPU: max_memory_allocated
+    python bench/train_memory.py --preset fmnist-vgg --allocators jemalloc \
+        jemalloc:dirty_decay_ms:10000,oversize_threshold:8388608   # against jemalloc's defaults
 
 Memory on CPU is measured three ways, each as HFF against backprop:
 - training: the process's peak resident set (VmHWM) minus the resident set just before the
@@ -165,17 +168,35 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def allocator_env(name: str) -> dict[str, str]:
-    """The environment of a worker on malloc `name`: glibc's (nothing preloaded), or jemalloc
-    preloaded as hff-train does it (training/allocator.py), with its default settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+MALLOCS = ("glibc", "jemalloc")
+
+
+def parse_malloc(spec: str) -> tuple[str, str]:
+    """"glibc", "jemalloc", or either with its settings after a colon: "jemalloc:CONF" (CONF is
+    MALLOC_CONF, e.g. oversize_threshold:0) or "glibc:TUNABLES" (GLIBC_TUNABLES, e.g.
+    glibc.malloc.mmap_threshold=4194304)."""
+    name, _, conf = spec.partition(":")
+    if name not in MALLOCS:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected glibc or jemalloc, optionally "
+                                         "followed by :SETTINGS")
+    return name, conf
+
+
+def allocator_env(spec: str) -> dict[str, str]:
+    """The environment of a worker on malloc `spec`: glibc's (nothing preloaded), or jemalloc
+    preloaded as hff-train does it (training/allocator.py, with hff-train's settings), either
+    with the settings the spec names instead."""
+    name, conf = parse_malloc(spec)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")}
     if name == "glibc":
-        return env
+        return {**env, "GLIBC_TUNABLES": conf} if conf else env
     library = allocator.find_jemalloc()
     if library is None:
         sys.exit("jemalloc is not installed (apt-get install libjemalloc2); "
                  "measure with --allocators glibc")
-    return allocator.preload_env(env, library)
+    env = allocator.preload_env(env, library)
+    return {**env, "MALLOC_CONF": conf} if conf else env
 
 
 def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | None = None,
@@ -190,7 +211,7 @@ def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | N
     if proc.returncode != 0:
         sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if result["allocator"] != malloc:
+    if result["allocator"] != parse_malloc(malloc)[0]:
         sys.exit(f"worker for {objective} ran on {result['allocator']}, not {malloc}")
     return result
 
@@ -232,11 +253,12 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="the training step's arithmetic, as hff-train's --precision (auto: bf16 "
                         "on CUDA, fp32 on the CPU)")
-    p.add_argument("--allocators", nargs="+", choices=("glibc", "jemalloc"),
-                   default=default_allocators(),
-                   help="the mallocs to measure, each in its own processes (default: glibc and, "
-                        "when installed, jemalloc, which hff-train uses; the last line is the "
-                        "last one's)")
+    p.add_argument("--allocators", nargs="+", default=default_allocators(),
+                   type=lambda spec: parse_malloc(spec) and spec,
+                   help="the mallocs to measure, each in its own processes: glibc, jemalloc, or "
+                        "either with settings, jemalloc:MALLOC_CONF or glibc:GLIBC_TUNABLES "
+                        "(default: glibc and, when installed, jemalloc with hff-train's "
+                        "settings; the last line is the last one's)")
     p.add_argument("--sweep", action="store_true",
                    help="first, one process per objective at 1 and all threads, contiguous and "
                         "channels-last, to show each objective's fastest setting")

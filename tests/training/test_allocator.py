@@ -68,6 +68,27 @@ def test_re_exec_preloads_jemalloc_before_what_the_user_preloads(monkeypatch):
     assert not calls
 
 
+def test_jemalloc_gets_the_training_settings_unless_the_user_set_its_own():
+    env = allocator.preload_env({"PATH": "/bin"}, "libjemalloc.so.2")
+    assert env["MALLOC_CONF"] == allocator.DEFAULT_MALLOC_CONF
+    assert "dirty_decay_ms:-1" in env["MALLOC_CONF"]  # freed pages kept for reuse: no refaults
+    mine = allocator.preload_env({"MALLOC_CONF": "dirty_decay_ms:0"}, "libjemalloc.so.2")
+    assert mine["MALLOC_CONF"] == "dirty_decay_ms:0"
+
+
+@pytest.mark.skipif(allocator.find_jemalloc() is None, reason="jemalloc is not installed")
+def test_the_re_executed_command_runs_with_the_training_settings():
+    probe = ("import os; from training import allocator; allocator.reexec_with_jemalloc(); "
+             "print(os.environ.get('MALLOC_CONF', '-'))")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.ALLOCATOR_ENV,
+                          allocator.REEXEC_ENV)}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          env={**clean, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == allocator.DEFAULT_MALLOC_CONF
+
+
 def test_active_reads_the_mapped_libraries(tmp_path):
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
