@@ -27,9 +27,11 @@ calls the scheduler (on the event loop, which owns every queue) picks the stage 
 
 Whole-graph calls (rows with early exit off) on CPU run `concurrent_calls` at a time (2 by
 default, HFF_CONCURRENT_CALLS), each on its share of the cores, and one more is queued ahead:
-while the calls run, the scheduler takes the next batch shortly before the first of them should
-end and hands it to the inference threads, which start it the moment a call ends, while the
-event loop answers the finished call's rows. A call started when none has run beside another
+while the calls run, the scheduler takes the next batch half a call before the first of them
+should end (calls vary by a few ms: taken 2 ms ahead, 4 in 10 ended first) and hands it to the
+inference threads, which start it the moment a call ends, while the event loop answers the
+finished call's rows. A thread whose call has ended takes the rows there are at once, up to a
+third of a batch, rather than waiting for more while its core idles. A call started when none has run beside another
 for OVERLAP_MEMORY (a lone request under light load) uses every core. On
 cifar-cnn at 64 connections one call at a time on both cores waited 10-20% of the time for the
 loop between calls, and ran 5-15% slower than in process while the loop took a core from under
@@ -70,7 +72,8 @@ log = logging.getLogger(__name__)
 
 Scheduling = Literal["stage", "batch"]
 
-LEAD = 0.002  # seconds before a running call's expected end that the next batch is taken
+LEAD = 0.002  # seconds before a running call's expected end that the next batch is taken,
+LEAD_SHARE = 0.5  # plus this share of the call's expected time
 OVERLAP_MEMORY = 0.1  # seconds after calls last overlapped that new ones still share the cores
 SMOOTHING = 0.2  # weight of the newest sample in the batcher's running averages of call times
 
@@ -117,7 +120,8 @@ class Job:
         n = self.x.shape[0]
         self.remaining = n
         self.exit_block = np.zeros(n, dtype=np.int64)
-        self.operating_point = np.full(n, -1, dtype=np.int64)
+        self.operating_point = np.empty(n, dtype=np.int64)
+        self.operating_point.fill(-1)  # np.full's Python wrapper costs more than the array
         self.deadline_missed = np.zeros(n, dtype=bool)
         if self.return_blocks:
             self.blocks = [[] for _ in range(n)]
@@ -474,10 +478,13 @@ class Batcher:
             if len(self._ahead) > calls:  # every thread busy and the next call waiting
                 await asyncio.wait(self._ahead, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            if len(self._ahead) == calls:  # take the next batch shortly before a call ends
-                # (at once when one has ended and the loop has not yet heard)
-                ends = [start + self._row_seconds * n for start, n in list(self._running.values())]
-                wait = min(ends, default=0.0) - LEAD - time.monotonic()
+            if len(self._ahead) == calls:  # take the next batch half a call before one ends
+                # (at once when one has ended and the loop has not yet heard); calls of 30 ms
+                # vary by a few ms: 2 ms ahead, 4 in 10 ended before the next batch was taken
+                # and the thread waited 5-7 ms for a loop busy answering and reading requests
+                ends = [start + self._row_seconds * n * (1.0 - LEAD_SHARE) - LEAD * (n > 0)
+                        for start, n in list(self._running.values())]
+                wait = min(ends, default=0.0) - time.monotonic()
                 if wait > 0:
                     await asyncio.wait(self._ahead, timeout=wait)
                     continue
@@ -486,13 +493,16 @@ class Batcher:
             if stage is None:
                 continue
             limit = self.max_batch_size
-            if stage == 0 and len(self._ahead) < calls and self._goes_ahead(self._queues[0][:1]):
+            idle = stage == 0 and self._thread_free() and self._goes_ahead(self._queues[0][:1])
+            if idle:
                 # a thread is idle: part of a batch now, and the next taken while it runs; a
                 # full one (or a wait for it) left the model idle while every client's next
                 # request came in (one batch of 64 at 64 connections, not batches in turn)
                 limit = max(1, self.max_batch_size // (calls + 1))
             batch = self._take(stage, limit)
-            if stage == 0:
+            # a thread idle beside a running call takes the rows there are: waiting for a
+            # fuller batch left its core idle while the rows came in one by one
+            if stage == 0 and not (idle and self._ahead):
                 batch = await self._fill_stage_one(batch, limit)
             if not batch:
                 continue
@@ -511,6 +521,12 @@ class Batcher:
             await self._run_or_fail(stage, batch, rows)
         if self._ahead:
             await asyncio.wait(self._ahead)
+
+    def _thread_free(self) -> bool:
+        """Is an inference thread without a call now? Also when its call has ended and the
+        loop has not yet answered its rows (its task is still in `_ahead`)."""
+        return len(self._ahead) < self.concurrent_calls or any(
+            n == 0 for _, n in list(self._running.values()))
 
     def _beside_others(self) -> bool:
         """Will the next whole-graph call run beside others (and so on its share of the
@@ -554,11 +570,12 @@ class Batcher:
             if off:
                 batch = [s for s in batch if s not in off]
                 x = stage_input(off, self._host)
-                per_block, seconds, cpu = await self._call(-1, self.runtime.run_full, x,
-                                                           shared, on_thread=ahead)
+                n = len(x)
+                per_block, seconds, cpu = await self._call(-1, self.runtime.run_full, x, shared,
+                                                           on_thread=ahead, rows=n)
                 # busy seconds of the model: a call beside others had a share of the cores
                 self._ran(seconds / self.concurrent_calls if shared else seconds, cpu)
-                per_row = seconds / len(x)
+                per_row = seconds / n
                 self._row_seconds = running_average(self._row_seconds or None, per_row)
                 self._answer_full(off, per_block)
             if not batch:
@@ -569,7 +586,7 @@ class Batcher:
         self._ran(seconds, cpu)
         self._after_stage(stage, batch, out)
 
-    async def _call(self, key: int, fn, *args, on_thread: bool = False
+    async def _call(self, key: int, fn, *args, on_thread: bool = False, rows: int = 0
                     ) -> tuple[Any, float, float]:
         """fn(*args) (stage `key`, -1: the whole graph), its wall and CPU seconds: on the event loop
         when its recent calls took less CPU than `inline_below`, else on the inference thread.
@@ -581,17 +598,17 @@ class Batcher:
             await asyncio.sleep(0)  # let the loop read what arrived meanwhile before the next pick
         else:
             out, seconds, cpu = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._on_thread, fn, *args)
+                self._executor, self._on_thread, rows, fn, *args)
         self._call_cpu[key] = running_average(self._call_cpu.get(key), cpu)
         return out, seconds, cpu
 
-    def _on_thread(self, fn, *args) -> tuple[Any, float, float]:
-        """On an inference thread: note when the call began and on how many rows (the
-        scheduler takes the next batch shortly before a call should end), then run it."""
-        first = args[0] if args and isinstance(args[0], np.ndarray) else None
+    def _on_thread(self, rows: int, fn, *args) -> tuple[Any, float, float]:
+        """On an inference thread: note when the call began and on how many rows of a
+        whole-graph call (the scheduler takes the next batch ahead of such a call's expected
+        end; 0 for a stage call), then run it."""
         me = threading.get_ident()
         started = time.monotonic()
-        self._running[me] = (started, 0 if first is None else len(first))
+        self._running[me] = (started, rows)
         try:
             return on_thread_clock(fn, *args)
         finally:

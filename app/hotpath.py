@@ -74,6 +74,8 @@ def _predict_decode(service: Service, headers: Mapping[str, str], body: bytes) -
 
 
 def _infer_heavy(headers: Mapping[str, str], body: bytes) -> bool:
+    if len(body) <= INLINE_DECODE_BYTES:
+        return False  # its JSON header cannot be longer
     try:
         header, _ = kserve.split_body(headers, body)
     except ClientError:
@@ -83,10 +85,8 @@ def _infer_heavy(headers: Mapping[str, str], body: bytes) -> bool:
 
 def _infer_decode(service: Service, headers: Mapping[str, str], body: bytes) -> Decoded:
     header, binary = kserve.split_body(headers, body)
-    req, x = kserve.decode_infer(header, binary, service)
-    params = req.parameters
-    return Decoded(x, params.early_exit if params else None, False,
-                   params.deadline_ms if params else None, req)
+    options, x = kserve.decode_infer(header, binary, service)
+    return Decoded(x, options.early_exit, False, options.deadline_ms, options)
 
 
 # app.middleware's hot handlers -> the same steps, without awaiting
@@ -94,7 +94,7 @@ ROUTES: dict[Any, Route] = {
     predict.predict_json: Route(lambda headers, body: predict.is_heavy(body), _predict_decode,
                                 predict.response),
     kserve.infer_json: Route(_infer_heavy, _infer_decode,
-                             lambda service, job, req: kserve.infer_response(req, job, service)),
+                             lambda service, job, options: kserve.infer_response(options, job, service)),
 }
 
 

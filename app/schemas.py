@@ -11,8 +11,9 @@ from app.early_exit import EarlyExitMode
 # Below 50 ms the HTTP path alone (body, parsing, queueing) may use the deadline up: a client
 # asking for less would only collect 503s.
 MIN_DEADLINE_MS = 50.0
+MAX_DEADLINE_MS = 600_000.0
 DeadlineMs = Annotated[float | None, Field(
-    None, ge=MIN_DEADLINE_MS, le=600_000,
+    None, ge=MIN_DEADLINE_MS, le=MAX_DEADLINE_MS,
     description="milliseconds from the request's arrival (50 or more): an instance still waiting "
                 "for a block then is answered from the block it reached (deadline_missed: true); "
                 "a request with an instance that reached none gets 503")]

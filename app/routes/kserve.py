@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -19,13 +20,15 @@ from app.decoding import (
     parse_json_body,
 )
 from app.deps import ApiKey, NamedServiceDep, RepositoryDep, VersionedServiceDep
+from app.early_exit import parse_early_exit
 from app.errors import ClientError, excerpt
 from app.schemas import (
+    MAX_DEADLINE_MS,
+    MIN_DEADLINE_MS,
     ErrorResponse,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
-    V2Tensor,
     inline_refs,
 )
 from app.service import INLINE_DECODE_BYTES, Service
@@ -112,6 +115,15 @@ async def infer_version(request: Request, service: VersionedServiceDep) -> JSONR
     return JSONResponse(await infer_json(service, request.headers, request.body))
 
 
+class InferOptions(NamedTuple):
+    """What an infer request asks besides its tensor: the id the response echoes, and the
+    parameters the server reads."""
+
+    id: str | None
+    early_exit: str | float | None
+    deadline_ms: float | None
+
+
 async def infer_json(service: Service, headers: Mapping[str, str],
                      read_body: Callable[[], Awaitable[bytes]]) -> dict[str, Any]:
     """A KServe v2 infer request -> the response body: the one implementation, for the FastAPI
@@ -120,15 +132,26 @@ async def infer_json(service: Service, headers: Mapping[str, str],
     async with service.admit(headers) as ticket:
         header, binary = split_body(headers, await read_body())
         heavy = len(header) > INLINE_DECODE_BYTES
-        req, x = await service.decode(ticket, heavy, decode_infer, header, binary, service)
-        params = req.parameters
-        job = await service.infer(x, params.early_exit if params else None, ticket,
-                                  deadline_ms=params.deadline_ms if params else None)
-        return infer_response(req, job, service)
+        options, x = await service.decode(ticket, heavy, decode_infer, header, binary, service)
+        job = await service.infer(x, options.early_exit, ticket, deadline_ms=options.deadline_ms)
+        return infer_response(options, job, service)
 
 
-def decode_infer(header: bytes, binary: bytes, service: Service) -> tuple[V2InferRequest, np.ndarray]:
+def decode_infer(header: bytes, binary: bytes | memoryview, service: Service
+                 ) -> tuple[InferOptions, np.ndarray]:
+    """The JSON header (and the binary tensor after it) -> (options, (N, C, H, W) rows).
+
+    The usual binary request (one input named 'input', FP32, parameters.binary_data_size, and at
+    most the early_exit, deadline_ms and id options) is parsed with orjson and checked here: no
+    pydantic model per request. Any other header (JSON data, other keys or types, anything
+    invalid) goes through the V2InferRequest model, which gives the errors.
+    """
     limit = max_values(service.spec, service.settings.MAX_INSTANCES)
+    if header.count(b",") <= limit:  # else parse_json_body refuses it (413) unparsed
+        simple = _simple_binary_header(header)
+        if simple is not None:
+            options, shape, size = simple
+            return options, _input_array(None, shape, {"binary_data_size": size}, binary, service)
     req = parse_json_body(V2InferRequest, header, '{"inputs": [...]}', limit)
     names = [t.name for t in req.inputs]
     if len(names) != len(set(names)):
@@ -139,14 +162,62 @@ def decode_infer(header: bytes, binary: bytes, service: Service) -> tuple[V2Infe
     tensor = req.inputs[0]
     if tensor.datatype.upper() != "FP32":
         raise ClientError(422, f"inputs[0].datatype is {excerpt(tensor.datatype)}, expected 'FP32'")
-    return req, _input_array(tensor, binary, service)
+    params = req.parameters
+    options = InferOptions(req.id, params.early_exit if params else None,
+                           params.deadline_ms if params else None)
+    return options, _input_array(tensor.data, tensor.shape, tensor.parameters, binary, service)
 
 
-def infer_response(req: V2InferRequest, job, service: Service) -> dict[str, Any]:
+_REQUEST_KEYS = frozenset(("id", "inputs", "outputs", "parameters"))
+_BINARY_TENSOR_KEYS = frozenset(("name", "shape", "datatype", "parameters"))
+
+
+def _simple_binary_header(header: bytes) -> tuple[InferOptions, list[int], int] | None:
+    """(options, shape, binary_data_size) of a header that V2InferRequest would accept as it is
+    and that the checks after it pass; None for anything else (which the model then parses)."""
+    try:
+        req = orjson.loads(header)
+    except orjson.JSONDecodeError:
+        return None
+    if type(req) is not dict or not req.keys() <= _REQUEST_KEYS or req.get("outputs") is not None:
+        return None
+    rid, inputs, params = req.get("id"), req.get("inputs"), req.get("parameters")
+    if (rid is not None and type(rid) is not str) or type(inputs) is not list or len(inputs) != 1:
+        return None
+    tensor = inputs[0]
+    if type(tensor) is not dict or tensor.keys() != _BINARY_TENSOR_KEYS:
+        return None
+    shape, datatype, tensor_params = tensor["shape"], tensor["datatype"], tensor["parameters"]
+    if (tensor["name"] != "input" or type(datatype) is not str or datatype.upper() != "FP32"
+            or type(shape) is not list or any(type(d) is not int for d in shape)
+            or type(tensor_params) is not dict):
+        return None
+    size = tensor_params.get("binary_data_size")
+    if type(size) is not int:
+        return None
+    mode = deadline = None
+    if params is not None:
+        if type(params) is not dict:
+            return None
+        mode, deadline = params.get("early_exit"), params.get("deadline_ms")
+        if mode is not None:
+            try:
+                mode = parse_early_exit(mode)
+            except ValueError:
+                return None
+        if deadline is not None:
+            if type(deadline) not in (int, float) or not (
+                    MIN_DEADLINE_MS <= deadline <= MAX_DEADLINE_MS):
+                return None
+            deadline = float(deadline)
+    return InferOptions(rid, mode, deadline), shape, size
+
+
+def infer_response(options: InferOptions, job, service: Service) -> dict[str, Any]:
     assert job.probs is not None and job.exit_block is not None
     n, classes = job.probs.shape
     # the v2 protocol echoes a request's id and has none to echo otherwise (its type is a string)
-    echo = {} if req.id is None else {"id": req.id}
+    echo = {} if options.id is None else {"id": options.id}
     return {
         "model_name": service.name, "model_version": service.version, **echo,
         "outputs": [
@@ -162,8 +233,9 @@ def infer_response(req: V2InferRequest, job, service: Service) -> dict[str, Any]
     }
 
 
-def split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
-    """(JSON header, binary tensor bytes after it); the binary part is empty without the extension."""
+def split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes | memoryview]:
+    """(JSON header, binary tensor bytes after it: a view, not a copy); the binary part is empty
+    without the extension."""
     ctype = media_type(headers, "application/json")
     raw_length = headers.get(BINARY_HEADER)
     if raw_length is None:
@@ -184,23 +256,24 @@ def split_body(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
     if not 0 < length <= len(body):
         raise ClientError(400, f"Inference-Header-Content-Length is {length}, but the body has "
                                f"{len(body)} bytes")
-    return body[:length], body[length:]
+    return body[:length], memoryview(body)[length:]
 
 
-def _input_array(tensor: V2Tensor, binary: bytes, service: Service) -> np.ndarray:
+def _input_array(data: list[Any] | None, shape: list[int], parameters: dict[str, Any] | None,
+                 binary: bytes | memoryview, service: Service) -> np.ndarray:
     """The input tensor from its JSON `data` or from the binary part of the body."""
     spec, limit = service.spec, service.settings.MAX_INSTANCES
-    size = (tensor.parameters or {}).get("binary_data_size")
+    size = (parameters or {}).get("binary_data_size")
     if size is None:
-        if tensor.data is None:
+        if data is None:
             raise ClientError(422, "inputs[0] has neither data nor parameters.binary_data_size")
         if binary:
             raise ClientError(400, f"the body has {len(binary)} bytes after the JSON header, but "
                                    "no input declares parameters.binary_data_size")
-        return decode_tensor(tensor.data, tensor.shape, "inputs[0]", spec, limit)
-    if tensor.data is not None:
+        return decode_tensor(data, shape, "inputs[0]", spec, limit)
+    if data is not None:
         raise ClientError(422, "inputs[0] has both data and parameters.binary_data_size; send one")
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
         raise ClientError(400, f"inputs[0].parameters.binary_data_size is {excerpt(size)}, but "
                                f"{len(binary)} bytes follow the JSON header")
-    return decode_binary_tensor(binary, tensor.shape, "inputs[0]", spec, limit)
+    return decode_binary_tensor(binary, shape, "inputs[0]", spec, limit)

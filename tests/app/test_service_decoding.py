@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from app.decoding import (
     decode_tensor,
 )
 from app.errors import ClientError
+from app.routes import kserve
+from app.schemas import V2InferRequest
 from app.settings import Settings
 
 GRAY = InputSpec([1, 8, 8], [0.0, 1.0])
@@ -119,6 +123,61 @@ def test_binary_tensors_are_little_endian_fp32_of_the_declared_shape():
     assert err.status == 422 and "767 bytes" in err.message
     err = refused(decode_binary_tensor, x.tobytes(), [9, 1, 8, 8], "inputs[0]", GRAY, 8)
     assert err.status == 413 and "limit is 8" in err.message
+
+def test_range_check_takes_the_same_values_in_one_pass():
+    """check_values' bit-pattern test for ranges from 0 agrees with min/max at the edges."""
+    for spec in (GRAY, InputSpec([1, 8, 8], [0.0, 0.3]), InputSpec([1, 8, 8], [-1.0, 1.0])):
+        for value in (0.0, -0.0, spec.hi, spec.lo, np.nextafter(np.float32(spec.hi), 2),
+                      np.nextafter(np.float32(spec.lo), -2), -1e-30, 1e-30, np.inf, -np.inf,
+                      np.nan):
+            x = np.full((1, 1, 8, 8), 0.5 * spec.hi, np.float32)
+            x[0, 0, 3, 4] = value
+            inside = bool(spec.lo <= x.min() and x.max() <= spec.hi)  # the two-pass check
+            if inside:
+                assert decode_binary_tensor(x.tobytes(), [1, 1, 8, 8], "t", spec, 8) is not None
+            else:
+                err = refused(decode_binary_tensor, x.tobytes(), [1, 1, 8, 8], "t", spec, 8)
+                assert err.status == 422 and ("NaN" in err.message or "values in" in err.message)
+
+
+def _header(**changes) -> bytes:
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+              "parameters": {"binary_data_size": 256}}
+    body = {"inputs": [{**tensor, **changes.pop("tensor", {})}], **changes}
+    return json.dumps({k: v for k, v in body.items() if v != "drop"}).encode()
+
+
+FAST = [_header(), _header(id="r1"), _header(parameters={"early_exit": "off"}),
+        _header(parameters={"early_exit": {"threshold": 0.8}, "deadline_ms": 250}),
+        _header(parameters={"early_exit": " AUTO ", "deadline_ms": 50.0}, outputs=None),
+        _header(parameters=None, tensor={"datatype": "fp32"})]
+SLOW = [_header(id=7), _header(parameters={"deadline_ms": 10}), _header(extra=1),
+        _header(parameters={"early_exit": "sometimes"}), _header(parameters={"deadline_ms": "60"}),
+        _header(tensor={"shape": [1.0, 1, 8, 8]}), _header(tensor={"name": "x"}),
+        _header(tensor={"datatype": "FP16"}), _header(tensor={"data": None}),
+        _header(tensor={"parameters": {"binary_data_size": True}}),
+        _header(outputs=[{"name": "probabilities"}]), b'[1]', b'{"inputs": [', b'{"inputs": []}']
+
+
+@pytest.mark.parametrize("header", FAST)
+def test_kserve_binary_headers_without_pydantic_read_as_the_model_does(header):
+    """The usual binary header is parsed with orjson (no pydantic model per request): the same
+    options and tensor as through V2InferRequest."""
+    service = SimpleNamespace(spec=GRAY, settings=SimpleNamespace(MAX_INSTANCES=8))
+    x = np.random.default_rng(3).random((1, 1, 8, 8)).astype(np.float32)
+    assert kserve._simple_binary_header(header) is not None
+    options, rows = kserve.decode_infer(header, memoryview(x.tobytes()), service)
+    req = V2InferRequest.model_validate_json(header)
+    params = req.parameters
+    assert options == (req.id, params.early_exit if params else None,
+                       params.deadline_ms if params else None)
+    np.testing.assert_array_equal(rows, x)
+
+
+@pytest.mark.parametrize("header", SLOW)
+def test_other_kserve_headers_go_to_the_model_for_its_answer(header):
+    assert kserve._simple_binary_header(header) is None
+
 
 def test_settings_from_environment_with_validated_limits(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text("{}")
