@@ -60,6 +60,7 @@ from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_l
     bodies,
     first_answer,
     run_loop,
+    stat_cpu_seconds,
     test_images,
 )
 from contract.model_dir import load_manifest  # noqa: E402
@@ -97,8 +98,7 @@ def cpu_seconds(server: Server) -> float:
     """CPU seconds the server process has used (all its threads): below 100% of the wall time
     of a saturation run, its one core was idle part of the time, so the server was not the
     bottleneck then."""
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_seconds(Path(f"/proc/{server.proc.pid}/stat"))
 
 
 def machine_busy_seconds() -> float:

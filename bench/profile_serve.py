@@ -19,7 +19,6 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from peers import json_payload, kserve_binary_payload, wrk_load  # noqa: E402 - bench/ scripts
-from serve_load import REPO, Server  # noqa: E402
+from serve_load import REPO, Server, stat_cpu_seconds  # noqa: E402
 
 # (layer, substrings of a frame "function (file:line)"), innermost match wins; checked in order.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -114,13 +113,10 @@ def inference_in_onnxruntime(raw: Path, ticks: float) -> dict[str, float]:
 
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds so far of each thread of `pid`, by thread id (/proc/<pid>/task/*/stat)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            stat = (task / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            out[int(task.name)] = stat_cpu_seconds(task / "stat")
     return out
 
 

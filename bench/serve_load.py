@@ -73,6 +73,14 @@ def make_random_cifar(out: Path) -> None:
     export_model(run, out, name="cifar-random")
 
 
+def stat_cpu_seconds(stat_file: Path) -> float:
+    """utime + stime, in seconds, from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file
+    (the fields after the command name, which may itself hold spaces and parentheses)."""
+    stat = stat_file.read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
