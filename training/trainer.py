@@ -331,10 +331,12 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.out, self.config)
+        last_val = None
         for epoch in range(self.start_epoch + 1, self.train_cfg.epochs + 1):
             t0 = time.perf_counter()
             train_loss, train_acc = self._train_epoch(epoch)
-            val, _, _ = self.evaluate(self.data.val)
+            last_val = self.evaluate(self.data.val)
+            val = last_val[0]
             dt = time.perf_counter() - t0
             self.elapsed_s += dt
             self.history.append(EpochRecord(
@@ -344,10 +346,14 @@ class Trainer:
             self._save_epoch(epoch)
             log.info("epoch %d/%d %.1fs  train acc %s  val acc %s", epoch, self.train_cfg.epochs, dt,
                      _fmt(train_acc), _fmt(val["accuracy"]))
-        return self._finish()
+        return self._finish(last_val)
 
-    def _finish(self) -> dict[str, Any]:
-        val, val_scores, val_labels = self.evaluate(self.data.val)
+    def _finish(self, last_val: tuple[dict[str, list[float]], list[Tensor], Tensor] | None = None
+                ) -> dict[str, Any]:
+        """Final evaluation and artifacts. `last_val`: the last epoch's validation pass, which
+        scored these same weights (nothing changes them after it), so it is not run twice; a
+        run resumed with no epoch left evaluates afresh."""
+        val, val_scores, val_labels = last_val or self.evaluate(self.data.val)
         test, test_scores, test_labels = self.evaluate(self.data.test)
         if hasattr(self.objective, "report"):  # FF: combined prediction, gradient attenuation
             test.update(self.objective.report(test_scores, test_labels))

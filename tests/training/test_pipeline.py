@@ -172,3 +172,29 @@ def test_label_smoothing_reaches_every_block_loss(objective):
                                  TrainConfig(objective=objective, label_smoothing=smoothing))
         losses.append(torch.stack(make_objective(config).train_step(model, x, y).loss))
     assert (losses[1] != losses[0]).all()  # every block's loss moved
+
+
+def test_fit_scores_the_validation_split_once_per_epoch(tmp_path, monkeypatch):
+    """The last epoch's validation pass scored the final weights; the final report reuses it
+    (the same numbers) instead of scoring the split again."""
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data, epochs=2, augment=False)
+    splits = []
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or evaluate(split))
+    metrics = trainer.fit()
+    assert splits == [data.val, data.val, data.test]
+    assert metrics["val"]["accuracy"] == metrics["history"][-1]["val_acc"]
+    # and the same numbers as a fresh pass over the final weights
+    assert metrics["val"]["accuracy"] == evaluate(data.val)[0]["accuracy"]
+
+
+def test_finish_without_an_epoch_scores_the_validation_split(tmp_path, monkeypatch):
+    data = load_dataset("digits")
+    trainer = _trainer(tmp_path, data, epochs=1, augment=False)
+    splits = []
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or evaluate(split))
+    trainer.start_epoch = 1  # as a run resumed with every epoch done
+    trainer.fit()
+    assert splits == [data.val, data.test]
