@@ -147,7 +147,9 @@ def decode_infer(header: bytes, binary: bytes | memoryview, service: Service
     invalid) goes through the V2InferRequest model, which gives the errors.
     """
     limit = max_values(service.spec, service.settings.MAX_INSTANCES)
-    if header.count(b",") <= limit:  # else parse_json_body refuses it (413) unparsed
+    # only with a binary part: a JSON-data body (up to megabytes of numbers) would be parsed in
+    # full by orjson just to be found not simple and parsed again by the model
+    if binary and header.count(b",") <= limit:  # else parse_json_body refuses it (413) unparsed
         simple = _simple_binary_header(header)
         if simple is not None:
             options, shape, size = simple

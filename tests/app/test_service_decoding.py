@@ -174,6 +174,22 @@ def test_kserve_binary_headers_without_pydantic_read_as_the_model_does(header):
     np.testing.assert_array_equal(rows, x)
 
 
+def test_kserve_json_data_bodies_skip_the_binary_fast_path(monkeypatch):
+    """A body with the tensor in JSON `data` (possibly megabytes of numbers) is parsed once, by
+    the model, not first by the binary fast path too."""
+    service = SimpleNamespace(spec=GRAY, settings=SimpleNamespace(MAX_INSTANCES=8))
+    tried = []
+    monkeypatch.setattr(kserve, "_simple_binary_header", lambda h: tried.append(h))
+    x = np.random.default_rng(4).random((1, 1, 8, 8)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    _, rows = kserve.decode_infer(body, b"", service)
+    assert tried == []
+    np.testing.assert_allclose(rows, x, rtol=1e-6)
+    kserve.decode_infer(_header(), memoryview(x.tobytes()), service)
+    assert len(tried) == 1  # a binary request does try it
+
+
 @pytest.mark.parametrize("header", SLOW)
 def test_other_kserve_headers_go_to_the_model_for_its_answer(header):
     assert kserve._simple_binary_header(header) is None
