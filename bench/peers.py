@@ -13,7 +13,8 @@ without wrk, bench/serve_load.py's closed-loop uvloop generator. --cifar adds ci
 KServe binary at 64 connections (the defaults, max batch 32 and one model call at a time;
 --cifar-configs picks among them, and the --designs trees run there too) against the in-process
 onnxruntime ceilings (batch 64 and 32 one call at a time, batch 32 with onnxruntime's idle threads
-spinning, and two one-thread calls of 32 at once).
+spinning, two one-thread calls of 32 at once, and the issue's own measure: the server's batch
+size, its mean batch over the warm-up, in two one-thread calls at once as the server runs them).
 Peers: bench/peer_servers.py (what each runs, and its settings).
 """
 
@@ -268,10 +269,23 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 # batches of 32 (one runs while the other's clients turn around), so the ceilings at 32 are the
 # ones at the same batch size, with spinning off (as the server runs) and on (onnxruntime's
 # default, which the ceiling may use: it has no event loop to leave a core to); two one-thread
-# calls of 32 at once was the best this machine's onnxruntime did in process
+# calls of 32 at once was the best this machine's onnxruntime did in process. One more ceiling
+# is the issue's own measure, the same batch size as the server's: its mean batch over the
+# warm-up (rounded; 64 connections and two calls at once settle near a third of 64), in as many
+# one-thread calls at once as the server runs (HFF_CONCURRENT_CALLS, 2)
 CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
                 "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1}}
 CIFAR_CEILINGS = [(64, 1, False), (32, 1, False), (32, 1, True), (32, 2, False)]
+SERVED_CALLS = 2  # app.settings CONCURRENT_CALLS' default: whole-graph calls at once on CPU
+WARMUP_S = 2.0  # the cifar servers' warm-up, long enough for their batch size to settle
+
+
+def same_batch_ceiling(batch: float, ceilings: list[tuple[int, int, bool]]
+                       ) -> tuple[int, int, bool] | None:
+    """The ceiling at the server's (mean) batch size, run as the server runs its calls; None
+    when the list has it already."""
+    extra = (max(1, round(batch)), SERVED_CALLS, False)
+    return None if extra in ceilings else extra
 
 
 def mean_batch(url: str) -> float:
@@ -301,11 +315,17 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             for server in servers.values():
-                run_one(server.url, payload, 64, 1, work)
+                run_one(server.url, payload, 64, WARMUP_S, work)
             served: dict[str, list[dict]] = {name: [] for name in servers}
-            ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in CIFAR_CEILINGS}
+            kinds = list(CIFAR_CEILINGS)
+            first = next(iter(servers))  # this tree's defaults when they run, else the first
+            same = same_batch_ceiling(mean_batch(servers["hff" if "hff" in servers else first].url),
+                                      kinds)
+            if same is not None:
+                kinds.append(same)
+            ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in kinds}
             for _ in range(args.repeats):
-                for batch, concurrent, spinning in CIFAR_CEILINGS:
+                for batch, concurrent, spinning in kinds:
                     ceilings[batch, concurrent, spinning].append(
                         {**ceiling(args.cifar, batch, shape, args.seconds, concurrent, spinning),
                          "non2xx": 0, "socket": 0})
@@ -315,7 +335,8 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
         for (batch, concurrent, spinning), runs in ceilings.items():
             how = "one call at a time" if concurrent == 1 else f"{concurrent} calls at once"
             spin = ", idle threads spinning" if spinning else ""
-            emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how}{spin} "
+            mark = ", the server's batch size" if (batch, concurrent, spinning) == same else ""
+            emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how}{spin}{mark} "
                               "(instances/s)", "-", runs)
             medians[batch, concurrent, spinning] = np.median([r["throughput"] for r in runs])
         for name, runs in served.items():
@@ -324,7 +345,8 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
         for name, runs in served.items():
             tput = np.median([r["throughput"] for r in runs])
             print(f"# cifar-cnn {name} / ceiling: " + ", ".join(
-                f"batch {b} x{c}{' spinning' if spin else ''} {tput / m:.0%}"
+                f"batch {b} x{c}{' spinning' if spin else ''}"
+                f"{' (same batch)' if (b, c, spin) == same else ''} {tput / m:.0%}"
                 for (b, c, spin), m in medians.items()))
     finally:
         for server in servers.values():

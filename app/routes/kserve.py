@@ -174,9 +174,32 @@ _REQUEST_KEYS = frozenset(("id", "inputs", "outputs", "parameters"))
 _BINARY_TENSOR_KEYS = frozenset(("name", "shape", "datatype", "parameters"))
 
 
+# Headers read before, by their bytes: a client sends the same header with every request of
+# one shape and options (no id), so it is parsed once, not once per request. Bounded: emptied
+# when full; headers with a request id (unique per request) and long ones are not kept.
+_HEADERS_READ: dict[bytes, tuple[InferOptions, list[int], int] | None] = {}
+_HEADERS_KEPT = 256
+_HEADER_KEPT_BYTES = 512
+
+
 def _simple_binary_header(header: bytes) -> tuple[InferOptions, list[int], int] | None:
     """(options, shape, binary_data_size) of a header that V2InferRequest would accept as it is
     and that the checks after it pass; None for anything else (which the model then parses)."""
+    try:
+        found = _HEADERS_READ[header]
+    except KeyError:
+        found = _read_simple_binary_header(header)
+        if len(header) <= _HEADER_KEPT_BYTES and (found is None or found[0].id is None):
+            if len(_HEADERS_READ) >= _HEADERS_KEPT:
+                _HEADERS_READ.clear()
+            _HEADERS_READ[header] = found
+    if found is None:
+        return None
+    options, shape, size = found
+    return options, list(shape), size  # the caller's own list
+
+
+def _read_simple_binary_header(header: bytes) -> tuple[InferOptions, list[int], int] | None:
     try:
         req = orjson.loads(header)
     except orjson.JSONDecodeError:

@@ -195,6 +195,41 @@ def test_other_kserve_headers_go_to_the_model_for_its_answer(header):
     assert kserve._simple_binary_header(header) is None
 
 
+def test_a_header_sent_again_is_not_parsed_again(monkeypatch):
+    """A client's header repeats with every request of one shape and options: it is parsed
+    once; headers with an id (unique per request) and long ones are parsed every time."""
+    monkeypatch.setattr(kserve, "_HEADERS_READ", {})
+    parsed = []
+    read = kserve._read_simple_binary_header
+    monkeypatch.setattr(kserve, "_read_simple_binary_header",
+                        lambda h: parsed.append(h) or read(h))
+    usual = _header(parameters={"early_exit": "off", "deadline_ms": 250})
+    first, again = kserve._simple_binary_header(usual), kserve._simple_binary_header(usual)
+    assert first == again == read(usual) and parsed == [usual]
+    assert first[1] is not again[1]  # each caller gets its own shape list
+    with_id = _header(id="r1")
+    for _ in range(2):
+        assert kserve._simple_binary_header(with_id) == read(with_id)
+    assert parsed.count(with_id) == 2
+    long = _header(parameters={"early_exit": "auto"})[:-1] + b" " * 600 + b"}"
+    for _ in range(2):
+        assert kserve._simple_binary_header(long) == read(long)
+    assert parsed.count(long) == 2
+    for header in SLOW[:3]:  # refused ones are kept too: the model parses them for the error
+        assert kserve._simple_binary_header(header) is None
+        assert kserve._simple_binary_header(header) is None
+        assert parsed.count(header) == 1
+
+
+def test_the_headers_kept_are_bounded(monkeypatch):
+    monkeypatch.setattr(kserve, "_HEADERS_READ", {})
+    for deadline in range(100, 100 + 3 * kserve._HEADERS_KEPT):
+        header = _header(parameters={"deadline_ms": deadline})
+        options, _, _ = kserve._simple_binary_header(header)
+        assert options.deadline_ms == deadline
+        assert len(kserve._HEADERS_READ) <= kserve._HEADERS_KEPT
+
+
 def test_settings_from_environment_with_validated_limits(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text("{}")
     monkeypatch.setenv("HFF_MODEL_DIR", str(tmp_path))
