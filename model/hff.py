@@ -69,8 +69,8 @@ def _grad_in_own_layout(pooled: Tensor) -> None:
 
     Flattening a channels-last (B, C, g, g) map copies it to NCHW order, so its gradient comes
     back NCHW, and CPU pooling backward handed an NCHW gradient for a channels-last input takes a
-    slow path (3-5x: ~5 of fmnist-vgg's ~90 ms training step at batch 128). Converting the small
-    gradient first gives the same values on the fast path.
+    slow path (3-5x slower: ~5 ms of fmnist-vgg's ~90 ms training step at batch 128). Converting
+    the small gradient first gives the same values (up to bf16 rounding) on the fast path.
     """
     if pooled.requires_grad and not pooled.is_contiguous() and pooled.is_contiguous(
             memory_format=torch.channels_last):
