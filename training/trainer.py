@@ -51,6 +51,7 @@ from training.diagnostics import block_report
 from training.distributed import SINGLE, DistInfo
 from training.ff_objectives import FFTrainConfig
 from training.objectives import Objective, make_objective
+from training.readers import collate
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def predict_blocks(objective: Objective, model: nn.Module, data: Dataset, batch_
     chunks: list[Tensor] = []
     labels = []
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=collate)
     for x, y in loader:
         with autocast(device):
             scores = objective.block_scores(model, to_device(x, device, channels_last))
@@ -286,7 +287,7 @@ class Trainer:
         loader_args: dict[str, Any] = {"sampler": order, "generator": torch.Generator()}
         loader = DataLoader(self.data.train, batch_size=self.rank_batch, drop_last=False,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            **loader_args)
+                            collate_fn=collate, **loader_args)
         blocks = self.config.model.num_blocks
         loss_sum = torch.zeros(blocks, device=self.device)
         correct = torch.zeros(blocks, device=self.device)

@@ -319,3 +319,27 @@ def test_fashion_mnist_recipe_trains_in_bf16_only_where_the_cpu_has_it(tmp_path,
     assert train_config("--objective", "backprop")["precision"] == ("bf16" if native else "auto")
     assert train_config("--precision", "fp32")["precision"] == "fp32"  # the flag wins
     assert train_config("--objective", "ff")["precision"] == "auto"  # FF keeps its own defaults
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_array_dataset_batches_equal_the_per_item_stack(num_workers):
+    # ArrayDataset assembles a batch in one indexing op (__getitems__); through the trainer's
+    # DataLoader settings it must give exactly what indexing image by image and stacking gives,
+    # for any sample order, a short last batch and a Subset (the distributed evaluation shard).
+    from torch.utils.data import DataLoader, Subset
+
+    from training.readers import ArrayDataset, collate
+
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.integers(0, 256, (50, 1, 6, 6), dtype=np.uint8),
+                        rng.integers(0, 10, 50))
+    order = rng.permutation(50).tolist()
+    batches = list(DataLoader(data, batch_size=16, sampler=order, collate_fn=collate,
+                              num_workers=num_workers))
+    assert [len(y) for _, y in batches] == [16, 16, 16, 2]
+    x_all, y_all = _all_items(data)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert torch.equal(x, x_all[order]) and torch.equal(y, y_all[order])
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    shard = list(DataLoader(Subset(data, range(10, 30)), batch_size=8, collate_fn=collate))
+    assert torch.equal(torch.cat([b[0] for b in shard]), x_all[10:30])
