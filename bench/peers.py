@@ -52,6 +52,8 @@ from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
     run_loop,
 )
 
+from app.settings import Settings  # noqa: E402 - serve_load put the checkout on the path
+
 # hff-serve configurations by name: HFF_* settings on top of the defaults.
 HFF_CONFIGS: dict[str, dict[str, str]] = {
     "hff": {}, "hff-granian": {"server": "granian"},
@@ -276,7 +278,8 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
                 "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1}}
 CIFAR_CEILINGS = [(64, 1, False), (32, 1, False), (32, 1, True), (32, 2, False)]
-SERVED_CALLS = 2  # app.settings CONCURRENT_CALLS' default: whole-graph calls at once on CPU
+# whole-graph calls the server runs at once on CPU by default (HFF_CONCURRENT_CALLS)
+SERVED_CALLS: int = Settings.model_fields["CONCURRENT_CALLS"].default
 WARMUP_S = 2.0  # the cifar servers' warm-up, long enough for their batch size to settle
 
 
@@ -318,9 +321,9 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
                 run_one(server.url, payload, 64, WARMUP_S, work)
             served: dict[str, list[dict]] = {name: [] for name in servers}
             kinds = list(CIFAR_CEILINGS)
-            first = next(iter(servers))  # this tree's defaults when they run, else the first
-            same = same_batch_ceiling(mean_batch(servers["hff" if "hff" in servers else first].url),
-                                      kinds)
+            # this tree's defaults when they run, else the first server
+            reference = servers.get("hff") or next(iter(servers.values()))
+            same = same_batch_ceiling(mean_batch(reference.url), kinds)
             if same is not None:
                 kinds.append(same)
             ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in kinds}
