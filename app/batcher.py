@@ -31,8 +31,8 @@ while the calls run, the scheduler takes the next batch half a call before the f
 should end (calls vary by a few ms: taken 2 ms ahead, 4 in 10 ended first) and hands it to the
 inference threads, which start it the moment a call ends, while the event loop answers the
 finished call's rows. A thread whose call has ended takes the rows there are at once, up to a
-third of a batch, rather than waiting for more while its core idles. A call started when none has run beside another
-for OVERLAP_MEMORY (a lone request under light load) uses every core. On
+third of a batch, rather than waiting for more while its core idles. A call started when none
+has run beside another for OVERLAP_MEMORY (a lone request under light load) uses every core. On
 cifar-cnn at 64 connections one call at a time on both cores waited 10-20% of the time for the
 loop between calls, and ran 5-15% slower than in process while the loop took a core from under
 one of its two threads (they meet at every operator); two one-core calls side by side are

@@ -260,9 +260,11 @@ def fmnist_vgg() -> dict[str, Any]:
     0 / 1 / 2: 93.26 / 93.25 / 92.96%, mean 93.16%) in 13.5 min a run on 2 cores (about 34 s an
     epoch alone; 18.6 min when re-timed a session later, both objectives' steps a third slower
     on the same code; 21.1 min on a later machine, 16.3 min there once hff-train's jemalloc
-    stopped returning and re-faulting ~40 MiB a step, training/allocator.py); backprop on the same 24 epochs: 94.04% (seed 0). Calibrated early exit on the 24-epoch seed-0 model: 92.96 against 93.26%
-    test accuracy at 15.7% of the MACs. Training memory is HFF's weak point here: block 1's
-    28x28 maps are HFF's whole peak (0.52x backprop's in tensors, 0.73-0.77x in resident set).
+    stopped returning and re-faulting ~40 MiB a step, training/allocator.py); backprop on the
+    same 24 epochs: 94.04% (seed 0). Calibrated early exit on the 24-epoch seed-0 model: 92.96
+    against 93.26% test accuracy at 15.7% of the MACs. Training memory is HFF's weak point here:
+    block 1's 28x28 maps are HFF's whole peak (0.52x backprop's in tensors, 0.66-0.68x in
+    resident set on hff-train's jemalloc settings, 0.73-0.85x on glibc or jemalloc's defaults).
     Per-block figures, backprop and what was not tried: README, Real data: Fashion-MNIST.
     """
     return {
