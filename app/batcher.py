@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -228,6 +228,15 @@ def job_runs(jobs: list[Job]) -> list[tuple[Job, int, int]]:
     return runs
 
 
+class ThreadCall(NamedTuple):
+    """An inference thread's last call: when it began, its rows (0 for a stage call, whose
+    end the scheduler awaits rather than predicts) and whether it has ended."""
+
+    started: float
+    rows: int
+    ended: bool = False
+
+
 class Batcher:
     """Per-stage queues + a scheduler task + one inference thread, for one ModelRuntime."""
 
@@ -268,8 +277,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=concurrent_calls,
                                             thread_name_prefix="hff-infer")
         self._ahead: set[asyncio.Task] = set()  # whole-graph calls handed to the threads
-        # inference thread -> its last call's (start, rows); rows 0 once it has ended
-        self._running: dict[int, tuple[float, int]] = {}
+        self._running: dict[int, ThreadCall] = {}  # inference thread -> its last call
         self._row_seconds = 0.0  # recent wall seconds per row of a whole-graph call
         self._overlapped = -math.inf  # when a whole-graph call last started beside others
         self.accepted_requests = 0
@@ -482,8 +490,8 @@ class Batcher:
                 # (at once when one has ended and the loop has not yet heard); calls of 30 ms
                 # vary by a few ms: 2 ms ahead, 4 in 10 ended before the next batch was taken
                 # and the thread waited 5-7 ms for a loop busy answering and reading requests
-                ends = [start + self._row_seconds * n * (1.0 - LEAD_SHARE) - LEAD * (n > 0)
-                        for start, n in list(self._running.values())]
+                ends = [call.started + self._row_seconds * call.rows * (1.0 - LEAD_SHARE) - LEAD
+                        if not call.ended else -math.inf for call in list(self._running.values())]
                 wait = min(ends, default=0.0) - time.monotonic()
                 if wait > 0:
                     await asyncio.wait(self._ahead, timeout=wait)
@@ -526,7 +534,7 @@ class Batcher:
         """Is an inference thread without a call now? Also when its call has ended and the
         loop has not yet answered its rows (its task is still in `_ahead`)."""
         return len(self._ahead) < self.concurrent_calls or any(
-            n == 0 for _, n in list(self._running.values()))
+            call.ended for call in list(self._running.values()))
 
     def _beside_others(self) -> bool:
         """Will the next whole-graph call run beside others (and so on its share of the
@@ -607,12 +615,11 @@ class Batcher:
         whole-graph call (the scheduler takes the next batch ahead of such a call's expected
         end; 0 for a stage call), then run it."""
         me = threading.get_ident()
-        started = time.monotonic()
-        self._running[me] = (started, rows)
+        call = self._running[me] = ThreadCall(time.monotonic(), rows)
         try:
             return on_thread_clock(fn, *args)
         finally:
-            self._running[me] = (started, 0)  # ended: a thread free for the next batch now
+            self._running[me] = call._replace(ended=True)  # a thread free for the next batch now
 
     def _ran(self, seconds: float, cpu_seconds: float) -> None:
         if self.controller is not None:
