@@ -170,6 +170,8 @@ def decode_infer(header: bytes, binary: bytes | memoryview, service: Service
     return options, _input_array(tensor.data, tensor.shape, tensor.parameters, binary, service)
 
 
+# the fields of V2InferRequest and of a binary V2Tensor the fast path knows; a field added to the
+# models must be taught to it (tests/app/test_service_decoding.py fails until it is)
 _REQUEST_KEYS = frozenset(("id", "inputs", "outputs", "parameters"))
 _BINARY_TENSOR_KEYS = frozenset(("name", "shape", "datatype", "parameters"))
 

@@ -22,7 +22,7 @@ from app.decoding import (
 )
 from app.errors import ClientError
 from app.routes import kserve
-from app.schemas import V2InferRequest
+from app.schemas import V2InferRequest, V2Parameters, V2Tensor
 from app.settings import Settings
 
 GRAY = InputSpec([1, 8, 8], [0.0, 1.0])
@@ -193,6 +193,15 @@ def test_kserve_json_data_bodies_skip_the_binary_fast_path(monkeypatch):
 @pytest.mark.parametrize("header", SLOW)
 def test_other_kserve_headers_go_to_the_model_for_its_answer(header):
     assert kserve._simple_binary_header(header) is None
+
+
+def test_the_binary_fast_path_knows_every_field_of_the_request_model():
+    # the fast path checks headers by hand and serves what it accepts without the model: a
+    # field added to V2InferRequest, V2Tensor or V2Parameters must be taught to it (or sent to
+    # the model) before this passes again
+    assert set(V2InferRequest.model_fields) == kserve._REQUEST_KEYS
+    assert set(V2Tensor.model_fields) - {"data"} == kserve._BINARY_TENSOR_KEYS
+    assert set(V2Parameters.model_fields) == {"early_exit", "deadline_ms"}
 
 
 def test_a_header_sent_again_is_not_parsed_again(monkeypatch):
