@@ -21,8 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ import onnxruntime
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.serve_load import free_port  # noqa: E402 - after the path set-up, as serve_load does
+from bench.serve_load import Server  # noqa: E402 - after the path set-up, as serve_load does
 
 
 def machine() -> str:
@@ -49,28 +47,6 @@ def put_version(model: Path, repo: Path, version: int) -> float:
     shutil.copytree(model, temp)
     os.rename(temp, repo / "m" / str(version))
     return time.monotonic()
-
-
-def start(repo: Path, poll_s: float, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFF_")}
-    env.update(PYTHONPATH=str(REPO), HFF_POLL_S=str(poll_s), HFF_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--model-repository", str(repo),
-                             "--port", str(port)], cwd=REPO, env=env,
-                            stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}: {log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server was not ready within 120 s")
 
 
 async def client(url: str, body: dict, stop: asyncio.Event, answers: list) -> None:
@@ -90,7 +66,9 @@ async def run(model: Path, poll_s: float, switches: int, clients: int, gap_s: fl
         repo, log_path = Path(tmp) / "repo", Path(tmp) / "server.log"
         (repo / "m").mkdir(parents=True)
         put_version(model, repo, 1)
-        proc, url = start(repo, poll_s, log_path)
+        server = Server(args=["--model-repository", str(repo)], log_path=log_path,
+                        poll_s=poll_s, threads=1, log_level="info")
+        url = server.url
         try:
             stop, answers = asyncio.Event(), []
             tasks = [asyncio.create_task(client(url, body, stop, answers)) for _ in range(clients)]
@@ -108,8 +86,7 @@ async def run(model: Path, poll_s: float, switches: int, clients: int, gap_s: fl
             stop.set()
             await asyncio.gather(*tasks)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            server.close()
         log = log_path.read_text()
     warm = {int(v): float(s) for v, s in re.findall(
         r"model m version (\d+) serving \(loaded and warmed up in ([\d.]+)s\)", log)}

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NamedTuple
@@ -50,6 +49,7 @@ from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
     load,
     make_random_cifar,
     run_loop,
+    wait_until_ready,
 )
 
 from app.settings import Settings  # noqa: E402 - serve_load put the checkout on the path
@@ -74,18 +74,9 @@ class Peer:
                                       str(model_dir), str(self.port)], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)  # its own group: workers included
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{kind} exited with {self.proc.returncode}")
-            try:
-                r = httpx.post(self.url + path, content=probe.body, headers=probe.headers, timeout=5)
-                if r.status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise SystemExit(f"{kind} not ready in 120 s")
+        wait_until_ready(self.proc, lambda: httpx.post(
+            self.url + path, content=probe.body, headers=probe.headers, timeout=5
+        ).status_code == 200, kind, every=0.3)
 
     def close(self) -> None:
         """SIGTERM to the peer's whole process group (its worker processes too)."""

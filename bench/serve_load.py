@@ -87,34 +87,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`python -m app` from `source` (this checkout, or another one to compare with)."""
+def wait_until_ready(proc: subprocess.Popen, ready, what: str, seconds: float = 120.0,
+                     every: float = 0.2) -> None:
+    """Call `ready()` (True once the server answers as it should; a connection error counts as
+    not yet) until it says so; exit naming `what` when the process ends first, or when `seconds`
+    pass (then the process is killed)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            if ready():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(every)
+    proc.kill()
+    raise SystemExit(f"{what} not ready in {seconds:.0f} s")
 
-    def __init__(self, model_dir: Path, source: Path = REPO, **settings):
+
+class Server:
+    """`python -m app` from `source` (this checkout, or another one to compare with), serving
+    `model_dir` or what `args` name (e.g. --model-repository DIR); HFF_* settings from the
+    keywords, logging at warning unless they say otherwise; its output to `log_path` if given."""
+
+    def __init__(self, model_dir: Path | None = None, source: Path = REPO, *,
+                 args: list[str] | None = None, log_path: Path | None = None, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HFF_")}
         env["PYTHONPATH"] = str(source)
-        env.update({f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
         env["HFF_LOG_LEVEL"] = "warning"
-        self.proc = subprocess.Popen([sys.executable, "-m", "app", "--model-dir", str(model_dir),
-                                      "--port", str(self.port)], cwd=source, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server for {model_dir} exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise SystemExit(f"server for {model_dir} not ready in 120 s")
+        env.update({f"HFF_{k.upper()}": str(v) for k, v in settings.items()})
+        serving = ["--model-dir", str(model_dir)] if model_dir is not None else list(args or [])
+        output = self._log = None if log_path is None else log_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", *serving,
+                                      "--port", str(self.port)], cwd=source, env=env,
+                                     stdout=output, stderr=subprocess.STDOUT if output else None)
+        what = f"server for {' '.join(serving)}" + (f" (log: {log_path})" if log_path else "")
+        wait_until_ready(self.proc, lambda: httpx.get(self.url + "/readyz", timeout=2)
+                         .status_code == 200, what)
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+        if self._log is not None:
+            self._log.close()
 
 
 class Payload(NamedTuple):
