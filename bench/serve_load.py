@@ -124,9 +124,14 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "app", *serving,
                                       "--port", str(self.port)], cwd=source, env=env,
                                      stdout=output, stderr=subprocess.STDOUT if output else None)
-        what = f"server for {' '.join(serving)}" + (f" (log: {log_path})" if log_path else "")
-        wait_until_ready(self.proc, lambda: httpx.get(self.url + "/readyz", timeout=2)
-                         .status_code == 200, what)
+        try:
+            wait_until_ready(self.proc, lambda: httpx.get(self.url + "/readyz", timeout=2)
+                             .status_code == 200, f"server for {' '.join(serving)}")
+        except SystemExit as failed:
+            if output is None:
+                raise
+            output.close()  # the log may sit in a temporary dir the caller is about to remove
+            raise SystemExit(f"{failed}; its output:\n{log_path.read_text()}") from None
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
