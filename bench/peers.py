@@ -74,9 +74,13 @@ class Peer:
                                       str(model_dir), str(self.port)], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)  # its own group: workers included
-        wait_until_ready(self.proc, lambda: httpx.post(
-            self.url + path, content=probe.body, headers=probe.headers, timeout=5
-        ).status_code == 200, kind, every=0.3)
+        try:
+            wait_until_ready(self.proc, lambda: httpx.post(
+                self.url + path, content=probe.body, headers=probe.headers, timeout=5
+            ).status_code == 200, kind, every=0.3)
+        except SystemExit:
+            self.close()  # wait_until_ready ends only the leader; its workers would outlive it
+            raise
 
     def close(self) -> None:
         """SIGTERM to the peer's whole process group (its worker processes too)."""
