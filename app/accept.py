@@ -5,7 +5,7 @@ busy answering, a turn takes milliseconds, so when a client opens many connectio
 last of them wait hundreds of turns in the kernel's accept queue with their first request already
 sent: at 256 connections opened together by wrk, the first requests of about 160 of them were
 answered 0.1-0.9 s after they were sent, while every request the server had parsed was answered
-within 50 ms (README, request path: "Connections opened at once"). This listener takes over
+within 50 ms (docs/request-path.md, "Connections opened at once"). This listener takes over
 uvloop's listening socket and accepts up to `ACCEPT_PER_TURN` connections whenever it is readable,
 handing each to the loop's own transport (`connect_accepted_socket`), so the protocol, its
 transport and everything after it stay exactly as before.

@@ -55,7 +55,7 @@ def tune_gc() -> None:
     generations for good (gc.freeze), and young collections run every 100,000 allocations
     instead of 700. Every request allocates dicts, coroutines and futures, so the default
     thresholds ran a collection every few requests, and a full one now and then that stalled
-    every connection (README, "Request path": p99 at 64 connections 122 -> 45 ms in one run).
+    every connection (docs/request-path.md, run 4: p99 at 64 connections 122 -> 45 ms).
     Cyclic garbage still gets collected, in fewer, larger passes."""
     gc.collect()
     gc.freeze()

@@ -1,8 +1,8 @@
 """Connections opened at once (app.accept): all accepted in one loop turn, all answered.
 
 uvloop's own server accepts one connection a loop turn, so the last of many connections opened
-together waited hundreds of busy turns before their first request was read (README, request
-path). The listener must take every queued connection when its socket is readable, and the
+together waited hundreds of busy turns before their first request was read (docs/request-path.md,
+"Connections opened at once"). The listener must take every queued connection when its socket is readable, and the
 server built on it must still answer each connection and drain on SIGTERM.
 """
 
