@@ -265,7 +265,8 @@ def fmnist_vgg() -> dict[str, Any]:
     against 93.26% test accuracy at 15.7% of the MACs. Training memory is HFF's weak point here:
     block 1's 28x28 maps are HFF's whole peak (0.52x backprop's in tensors, 0.66-0.68x in
     resident set on hff-train's jemalloc settings, 0.73-0.85x on glibc or jemalloc's defaults).
-    Per-block figures, backprop and what was not tried: README, Real data: Fashion-MNIST.
+    Per-block figures, backprop and what was tried: README, Real data: Fashion-MNIST,
+    and docs/fashion-mnist.md.
     """
     return {
         "input_shape": (1, 28, 28),

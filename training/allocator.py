@@ -3,7 +3,7 @@
 A CPU training step allocates and frees tens of MiB of activations per block. glibc's heap keeps
 what is freed and fragments, so the resident set climbs well above the live tensors, by an
 amount that changes from run to run; jemalloc, with the settings below, holds less and steadier
-and trains faster (README, "Training memory"). A malloc has to be chosen before the process
+and trains faster (docs/fashion-mnist.md, "Page faults"). A malloc has to be chosen before the process
 starts, so `hff-train` re-executes itself once with jemalloc preloaded (`LD_PRELOAD`) when it is
 installed (`apt-get install libjemalloc2`) and not loaded yet; without it, or with
 HFF_ALLOCATOR=system, training runs on the system's malloc as before.
@@ -14,7 +14,7 @@ jemalloc runs with DEFAULT_MALLOC_CONF unless MALLOC_CONF is set (then the user'
   decay (which counts only new dirty pages, so a steady cycle looks idle to it) about 40 MiB a
   step went back to the kernel and was faulted in again: 7,000-14,000 minor page faults a step
   on fmnist-vgg at batch 128, with glibc's malloc as with jemalloc's defaults, and none with
-  this setting; the step ran 1.2-1.5x faster for both objectives (README, Training memory).
+  this setting; the step ran 1.2-1.5x faster for both objectives (docs/fashion-mnist.md).
 - `oversize_threshold:0`: no separate arena for allocations of 8 MiB and more, so the large
   maps of a network's first block (and of the evaluation batches) reuse the pages the smaller
   ones freed, and the other way round: one pool, not two that each keep their own high-water

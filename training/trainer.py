@@ -6,7 +6,7 @@ augmentation are seeded by (seed, epoch) (and the rank, under torchrun), so a re
 same path as an unbroken one, whatever the number of DataLoader workers.
 
 Conv networks train channels-last (NHWC) by default, on the CPU too: measured faster there for both
-objectives (README, Training memory). On CUDA, and on the CPU with `precision: bf16` (the
+objectives (docs/training-memory.md). On CUDA, and on the CPU with `precision: bf16` (the
 Fashion-MNIST recipe's where the CPU has native bf16), the training step runs under bf16
 autocast; evaluation on the CPU stays fp32. The checkpoint is saved from CPU copies in the
 standard layout, so it depends on neither. Under torchrun, each rank
