@@ -17,6 +17,7 @@ that keeps timed runs alone on a shared machine:
 
     python bench/fmnist_table.py --seeds 0 1 2
     python bench/fmnist_table.py --launcher "/work/bin/quiet timeout 240" --seeds 0 --ff
+    python bench/fmnist_table.py --ff-only --seeds 0 1 2     # the FF rows alone
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def main() -> int:
     p.add_argument("--ff-preset", default="mnist-cnn", help="the FF rows' (lighter) backbone")
     p.add_argument("--ff-epochs", type=int, default=3)
     p.add_argument("--ff-seeds", type=int, nargs="+", default=None, help="default: --seeds")
+    p.add_argument("--ff-only", action="store_true",
+                   help="only the FF rows (minutes), not the headline runs (hours) they follow")
     p.add_argument("--no-memory", action="store_true", help="skip bench/train_memory.py")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="hff-export of the first HFF seed: report its early exit on test")
@@ -180,10 +183,19 @@ def main() -> int:
     p.add_argument("--work", default="runs/fmnist-table", help="where the runs are kept")
     args = p.parse_args()
 
-    headline = {v: [run_one(v, f, s, args.epochs, args.preset, args) for s in args.seeds]
-                for v, f in HEADLINE.items()}
+    if args.ff_only:
+        args.ff = True
+    headline = {} if args.ff_only else {
+        v: [run_one(v, f, s, args.epochs, args.preset, args) for s in args.seeds]
+        for v, f in HEADLINE.items()}
     ff = {v: [run_one(v, f, s, args.ff_epochs, args.ff_preset, args) for s in args.ff_seeds or args.seeds]
           for v, f in FF_VARIANTS.items()} if args.ff else {}
+    if args.ff_only:
+        print(f"\nFF rows, Fashion-MNIST: {args.ff_preset}, {args.ff_epochs} epochs, "
+              f"seeds {args.ff_seeds or args.seeds}; {platform.machine()} {os.cpu_count()} cpus, "
+              f"python {platform.python_version()}, OMP_NUM_THREADS={args.threads or 'default'}")
+        print("\n".join(ff_table(ff)))
+        return 0
 
     import torch
 
