@@ -183,18 +183,17 @@ def main() -> int:
     p.add_argument("--work", default="runs/fmnist-table", help="where the runs are kept")
     args = p.parse_args()
 
-    if args.ff_only:
-        args.ff = True
     headline = {} if args.ff_only else {
         v: [run_one(v, f, s, args.epochs, args.preset, args) for s in args.seeds]
         for v, f in HEADLINE.items()}
-    ff = {v: [run_one(v, f, s, args.ff_epochs, args.ff_preset, args) for s in args.ff_seeds or args.seeds]
-          for v, f in FF_VARIANTS.items()} if args.ff else {}
+    ff_seeds = args.ff_seeds or args.seeds
+    ff = {v: [run_one(v, f, s, args.ff_epochs, args.ff_preset, args) for s in ff_seeds]
+          for v, f in FF_VARIANTS.items()} if args.ff or args.ff_only else {}
+    ff_rows = [f"\nFF rows: {args.ff_preset}, {args.ff_epochs} epochs, seeds {ff_seeds}", *ff_table(ff)]
     if args.ff_only:
-        print(f"\nFF rows, Fashion-MNIST: {args.ff_preset}, {args.ff_epochs} epochs, "
-              f"seeds {args.ff_seeds or args.seeds}; {platform.machine()} {os.cpu_count()} cpus, "
-              f"python {platform.python_version()}, OMP_NUM_THREADS={args.threads or 'default'}")
-        print("\n".join(ff_table(ff)))
+        print(f"\nFashion-MNIST; {platform.machine()} {os.cpu_count()} cpus, python "
+              f"{platform.python_version()}, OMP_NUM_THREADS={args.threads or 'default'}")
+        print("\n".join(ff_rows))
         return 0
 
     import torch
@@ -225,8 +224,7 @@ def main() -> int:
         run_dir = Path(args.work) / f"{slug('HFF (local)')}-s{args.seeds[0]}"
         print("\n".join(early_exit_report(run_dir, args.model_dir)))
     if ff:
-        print(f"\nFF rows: {args.ff_preset}, {args.ff_epochs} epochs, seeds {args.ff_seeds or args.seeds}")
-        print("\n".join(ff_table(ff)))
+        print("\n".join(ff_rows))
     return 0
 
 

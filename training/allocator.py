@@ -3,9 +3,9 @@
 A CPU training step allocates and frees tens of MiB of activations per block. glibc's heap keeps
 what is freed and fragments, so the resident set climbs well above the live tensors, by an
 amount that changes from run to run; jemalloc, with the settings below, holds less and steadier
-and trains faster (docs/fashion-mnist.md, "Page faults"). A malloc has to be chosen before the process
-starts, so `hff-train` re-executes itself once with jemalloc preloaded (`LD_PRELOAD`) when it is
-installed (`apt-get install libjemalloc2`) and not loaded yet; without it, or with
+and trains faster (docs/fashion-mnist.md, "Page faults"). A malloc has to be chosen before the
+process starts, so `hff-train` re-executes itself once with jemalloc preloaded (`LD_PRELOAD`) when
+it is installed (`apt-get install libjemalloc2`) and not loaded yet; without it, or with
 HFF_ALLOCATOR=system, training runs on the system's malloc as before.
 
 jemalloc runs with DEFAULT_MALLOC_CONF unless MALLOC_CONF is set (then the user's settings win):

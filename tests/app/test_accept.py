@@ -2,8 +2,8 @@
 
 uvloop's own server accepts one connection a loop turn, so the last of many connections opened
 together waited hundreds of busy turns before their first request was read (docs/request-path.md,
-"Connections opened at once"). The listener must take every queued connection when its socket is readable, and the
-server built on it must still answer each connection and drain on SIGTERM.
+"Connections opened at once"). The listener must take every queued connection when its socket is
+readable, and the server built on it must still answer each connection and drain on SIGTERM.
 """
 
 from __future__ import annotations
