@@ -5,10 +5,18 @@
 
 Both take the body hff-serve's /predict takes ({"instances": [...]}, one or more instances), run
 the whole graph (model.onnx) on a dynamic batch of up to 64 instances gathered for up to 2 ms, and
-answer {"predictions": [{"label", "confidence"}, ...]}. Each gets its best honest setting: mosec
-one worker process (the Rust front end parses HTTP and batches) with orjson for decode and encode;
-LitServe with its ZeroMQ queue (`fast_queue`) and one API server process (two would split the two
-cores between front ends and inference).
+answer {"predictions": [{"label", "confidence"}, ...]}. Each gets its best honest setting, measured
+side by side with `bench/peers.py --servers hff mosec` (or `litserve`) at 64 connections, the
+settings changed through the environment (PEER_WORKERS: inference worker processes):
+- mosec: one worker process (the Rust front end parses HTTP and batches on every core), orjson for
+  decode and encode. PEER_WORKERS=2 gave 12,900-15,600 requests/s against 18,200-19,900 for one
+  worker in three alternating pairs of runs: two workers split each batch and both compete
+  with the front end for the two cores.
+- LitServe: its ZeroMQ queue (`fast_queue`), one inference worker and one API server process
+  per usable core (PEER_API_SERVERS overrides). One API server gave 976-1,283 requests/s against
+  1,760-2,070 for two in three alternating pairs; three and four were level with two
+  (1,959-2,219). Two inference workers (PEER_WORKERS=2, with two API servers): 1,657-1,976
+  against 1,959-2,161 for one.
 """
 
 from __future__ import annotations
@@ -104,14 +112,18 @@ def serve_mosec(port: int) -> None:
     sys.argv = [sys.argv[0], "--port", str(port), "--address", "127.0.0.1", "--log-level",
                 "warning"]
     server = Server()
-    server.append_worker(MosecInference, num=1, max_batch_size=MAX_BATCH, max_wait_time=MAX_WAIT_MS)
+    workers = int(os.environ.get("PEER_WORKERS", "1"))
+    server.append_worker(MosecInference, num=workers, max_batch_size=MAX_BATCH,
+                         max_wait_time=MAX_WAIT_MS)
     server.run()
 
 
 def serve_litserve(port: int) -> None:
+    workers = int(os.environ.get("PEER_WORKERS", "1"))
     server = ls.LitServer(LitServeAPI(max_batch_size=MAX_BATCH, batch_timeout=MAX_WAIT_MS / 1000),
-                          accelerator="cpu", workers_per_device=1, fast_queue=True)
-    server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning",
+                          accelerator="cpu", workers_per_device=workers, fast_queue=True)
+    api_servers = int(os.environ.get("PEER_API_SERVERS", len(os.sched_getaffinity(0))))
+    server.run(host="127.0.0.1", port=port, num_api_servers=api_servers, log_level="warning",
                generate_client_file=False)
 
 
