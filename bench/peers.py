@@ -63,6 +63,8 @@ HFF_CONFIGS: dict[str, dict[str, str]] = {
     # every model call on the inference thread, none on the event loop (HFF_INLINE_CALL_MS)
     "hff-thread": {"inline_call_ms": "0"}}
 
+GRACE_S = 5.0  # how long a peer's processes get to exit on SIGTERM; they are done being measured
+
 
 class Peer:
     """A peer server (bench/peer_servers.py) on a free port; ready once it answers `probe`."""
@@ -100,9 +102,6 @@ class Peer:
         self.proc.wait()
 
 
-GRACE_S = 5.0  # how long a peer's processes get to exit on SIGTERM; they are done being measured
-
-
 def group_alive(leader: subprocess.Popen) -> bool:
     """Whether any process is left in the group `leader` started (its pid is the group's id)."""
     leader.poll()  # reap the leader once it has exited, so its zombie does not count
@@ -111,6 +110,7 @@ def group_alive(leader: subprocess.Popen) -> bool:
     except ProcessLookupError:
         return False
     return True
+
 
 WRK_SCRIPT = """
 local f = assert(io.open(os.getenv("PEERS_BODY"), "rb"))
