@@ -27,7 +27,10 @@ def plot_curves(history: Sequence, path: str | Path, title: str = "") -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if blocks:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    else:  # stopped before its first epoch ended: an empty plot that says why
+        ax.text(0.5, 0.5, "no epoch finished", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     atomic.write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
