@@ -1,24 +1,25 @@
-"""The demo page's router: what it serves, what it refuses, and that it stays out of the schema."""
+"""The demo page's router on the real server (uvicorn and granian): what it serves, what it
+refuses, and that it stays out of the schema."""
 
 from __future__ import annotations
 
 import re
 
+import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 from app.demo import STATIC_DIR, router
 
 
 @pytest.fixture
-def client():
-    app = FastAPI()
-    app.include_router(router)
-    with TestClient(app) as c:
+def client(server):
+    """The shared digits server (tests/app/conftest.py), without its API key: the page needs none."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
 
 
+@pytest.mark.slow
 def test_index_is_html_with_a_same_origin_policy(client):
     r = client.get("/")
     assert r.status_code == 200
@@ -29,6 +30,7 @@ def test_index_is_html_with_a_same_origin_policy(client):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
+@pytest.mark.slow
 def test_every_asset_the_page_references_is_served(client):
     html = client.get("/").text
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
@@ -42,6 +44,7 @@ def test_every_asset_the_page_references_is_served(client):
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/static/demo.py", "/static/index.html", "/static/..%2fdemo.py",
                                   "/static/nothing.js"])
 def test_anything_else_under_static_is_404(client, path):
