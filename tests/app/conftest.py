@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, run_module
@@ -53,6 +55,13 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="session")
 def digits_test_split(digits_splits) -> tuple[np.ndarray, np.ndarray]:
     return digits_splits["test"]
+
+
+def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
+    """A blank image of `mode` and `size` (width, height), encoded as PNG."""
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def metric(text: str, series: str) -> float:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import base64
 import collections
-import io
 import json
 import random
 import socket
 
 import httpx
 import pytest
-from PIL import Image
 
-from tests.app.conftest import API_KEY, SERVERS, limited_server
+from tests.app.conftest import API_KEY, SERVERS, limited_server, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -125,10 +123,8 @@ class HostileRequests:
         boundary = f"b{rng.randint(0, 999)}"
         image = rng.randbytes(rng.randint(0, 300))
         if rng.random() < 0.5:
-            mode = rng.choice(["L", "RGB", "RGBA", "1", "P", "I;16"])
-            buffer = io.BytesIO()
-            Image.new(mode, (rng.randint(1, 64), rng.randint(1, 64))).save(buffer, "PNG")
-            image = buffer.getvalue()
+            image = png_bytes(rng.choice(["L", "RGB", "RGBA", "1", "P", "I;16"]),
+                              (rng.randint(1, 64), rng.randint(1, 64)))
         part = (f'--{boundary}\r\nContent-Disposition: form-data; name="{rng.choice(["file", "x"])}"; '
                 f'filename="a.png"\r\nContent-Type: image/png\r\n\r\n').encode()
         body = part + image + f"\r\n--{boundary}--\r\n".encode()

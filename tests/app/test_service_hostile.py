@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import re
 import socket
@@ -20,9 +19,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.app.conftest import ServerProcess
+from tests.app.conftest import ServerProcess, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -174,12 +172,6 @@ def test_sigterm_with_a_stalled_body_exits_within_the_shutdown_timeout(digits_mo
     assert status_of(answer) == 408, answer
     assert "cut at shutdown" in log and "batcher stopped" in log, log
     assert "Traceback" not in log, log
-
-
-def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_image_decoding_does_not_stall_health_checks(default_server):
