@@ -59,6 +59,7 @@ from bench.serve_load import (  # noqa: E402 - after the path set-up, as serve_l
     Server,
     bodies,
     first_answer,
+    machine_busy_seconds,
     run_loop,
     stat_cpu_seconds,
     test_images,
@@ -99,13 +100,6 @@ def cpu_seconds(server: Server) -> float:
     of a saturation run, its one core was idle part of the time, so the server was not the
     bottleneck then."""
     return stat_cpu_seconds(Path(f"/proc/{server.proc.pid}/stat"))
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds every process on the machine has used (all cores), from /proc/stat."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def start(model: Path, config: str, target_ms: float, queue_rows: int,

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -48,8 +49,10 @@ from serve_load import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
     ceiling,
     free_port,
     load,
+    machine_busy_seconds,
     make_random_cifar,
     run_loop,
+    thread_cpu,
     wait_until_ready,
 )
 
@@ -304,6 +307,37 @@ def same_batch_ceiling(batch: float, ceilings: list[tuple[int, int, bool]]
     return None if extra in ceilings else extra
 
 
+class CoreUse(NamedTuple):
+    """Where the machine's cores went during one load run (CPU seconds / wall seconds, /proc)."""
+
+    loop: float  # the server's main thread: its event loop, HTTP and the per-request Python
+    threads: float  # the server's other threads: the inference calls, decoding
+    load: float  # the load generator (wrk, or the generator in this process) and this bench
+    rest: float  # everything else: the kernel's work charged to no process, other processes
+    idle: float
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (wrk runs to its end)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def with_core_use(pid: int, run) -> tuple[dict, CoreUse]:
+    """run()'s result, and how the cores were used while it ran (server `pid` and the rest)."""
+    threads_before, busy_before, mine_before = thread_cpu(pid), machine_busy_seconds(), own_cpu_seconds()
+    start = time.perf_counter()
+    result = run()
+    wall = time.perf_counter() - start
+    threads = {tid: s - threads_before.get(tid, 0.0) for tid, s in thread_cpu(pid).items()}
+    busy = (machine_busy_seconds() - busy_before) / wall
+    mine = (own_cpu_seconds() - mine_before) / wall
+    loop = threads.pop(pid, 0.0) / wall
+    others = sum(threads.values()) / wall
+    return result, CoreUse(loop, others, mine, max(0.0, busy - loop - others - mine),
+                           max(0.0, (os.cpu_count() or 1) - busy))
+
+
 def mean_batch(url: str) -> float:
     """The server's mean batch size so far, from its hff_batch_size histogram (all models)."""
     totals = {"hff_batch_size_sum": 0.0, "hff_batch_size_count": 0.0}
@@ -333,6 +367,7 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
             for server in servers.values():
                 run_one(server.url, payload, 64, WARMUP_S, work)
             served: dict[str, list[dict]] = {name: [] for name in servers}
+            core_use: dict[str, list[CoreUse]] = {name: [] for name in servers}
             kinds = list(CIFAR_CEILINGS)
             # this tree's defaults when they run, else the first server
             reference = servers.get("hff") or next(iter(servers.values()))
@@ -346,7 +381,10 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
                         {**ceiling(args.cifar, batch, shape, args.seconds, concurrent, spinning),
                          "non2xx": 0, "socket": 0})
                 for name, server in servers.items():
-                    served[name].append(run_one(server.url, payload, 64, args.seconds, work))
+                    result, cores = with_core_use(server.proc.pid, lambda s=server: run_one(
+                        s.url, payload, 64, args.seconds, work))
+                    served[name].append(result)
+                    core_use[name].append(cores)
         medians = {}
         for (batch, concurrent, spinning), runs in ceilings.items():
             how = "one call at a time" if concurrent == 1 else f"{concurrent} calls at once"
@@ -364,6 +402,11 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
                 f"batch {b} x{c}{' spinning' if spin else ''}"
                 f"{' (same batch)' if (b, c, spin) == same else ''} {tput / m:.0%}"
                 for (b, c, spin), m in medians.items()))
+        for name, uses in core_use.items():  # what the server's share of the ceiling went to
+            median = CoreUse(*np.median(np.array(uses), axis=0))
+            print(f"# cifar-cnn {name}: cores used, of {os.cpu_count()} (medians): event loop "
+                  f"{median.loop:.2f}, other server threads {median.threads:.2f}, load generator "
+                  f"{median.load:.2f}, rest {median.rest:.2f}, idle {median.idle:.2f}")
     finally:
         for server in servers.values():
             server.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from peers import json_payload, kserve_binary_payload, wrk_load  # noqa: E402 - bench/ scripts
-from serve_load import REPO, Server, stat_cpu_seconds  # noqa: E402
+from serve_load import REPO, Server, thread_cpu  # noqa: E402
 
 # (layer, substrings of a frame "function (file:line)"), innermost match wins; checked in order.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -109,15 +108,6 @@ def inference_in_onnxruntime(raw: Path, ticks: float) -> dict[str, float]:
         if "onnxruntime/capi" in stack and "app/batcher.py" in stack:
             counts[thread.partition("): ")[2]] += n
     return {name: n / ticks for name, n in sorted(counts.items())}
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds so far of each thread of `pid`, by thread id (/proc/<pid>/task/*/stat)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            out[int(task.name)] = stat_cpu_seconds(task / "stat")
-    return out
 
 
 def thread_names(raw: Path) -> dict[int, str]:
