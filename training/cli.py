@@ -34,7 +34,7 @@ PROG = "hff-train"
 TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
                "weight_decay": "--weight-decay", "memory_format": "--memory-format",
                "erasing": "--erasing", "label_smoothing": "--label-smoothing",
-               "precision": "--precision"}
+               "precision": "--precision", "micro_batches": "--micro-batches"}
 MODEL_FLAGS = {"margin": "--margin", "prototypes_per_class": "--prototypes-per-class"}
 FF_MODEL_FLAGS = {"goodness": "--ff-goodness", "threshold": "--ff-threshold",
                   "label_embedding": "--ff-embedding", "score_blocks": "--ff-score-blocks"}
@@ -132,8 +132,10 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         overrides["ff"] = model_ff
     try:
         model_cfg = preset_config(preset, **overrides)
-        # The data set's recipe is HFF's and backprop's; FF keeps its own defaults.
-        recipe = data.train_defaults if args.objective != "ff" else {}
+        # The data set's recipe is HFF's and backprop's (but micro-batches, which only local
+        # losses can take); FF keeps its own defaults.
+        recipe = {k: v for k, v in data.train_defaults.items()
+                  if args.objective == "hff" or k != "micro_batches"} if args.objective != "ff" else {}
         train_cfg = TrainConfig(objective=args.objective, augment=not args.no_augment,
                                 ff=train_ff if args.objective == "ff" else None,
                                 **{**recipe, **given(args, TrainConfig, TRAIN_FLAGS)})

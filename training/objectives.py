@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from model.checkpoint import RunConfig
 from training.losses import prototype_loss
+from training.micro_batch import block_step_in_slices, split_at_norm
 
 
 @dataclass
@@ -47,14 +48,25 @@ class HFFLocal:
 
     name = "hff"
 
-    def __init__(self, margin: float = 0.0, label_smoothing: float = 0.0):
+    def __init__(self, margin: float = 0.0, label_smoothing: float = 0.0, micro_batches: int = 1):
         self.margin = margin
         self.label_smoothing = label_smoothing
+        self.micro_batches = micro_batches
 
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats:
         h = model.input_norm(x)
         losses, correct = [], []
         for block in model.blocks:
+            split = split_at_norm(block.body) if self.micro_batches > 1 else None
+            if split is not None:  # the same gradient, a slice of the batch at a time
+                result = block_step_in_slices(
+                    block, split, h.detach(), y, self.micro_batches,
+                    lambda logits, target, b=block: prototype_loss(
+                        logits, target, b.head.scale, self.margin, self.label_smoothing))
+                h = result.features
+                losses.append(result.loss)
+                correct.append(result.correct)
+                continue
             h, logits = block(h.detach())
             loss = prototype_loss(logits, y, block.head.scale, self.margin, self.label_smoothing)
             loss.backward()  # frees this block's graph now
@@ -104,7 +116,8 @@ def _ff(config: RunConfig) -> Objective:
 
 # name -> factory from the run config.
 OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
-    "hff": lambda cfg: HFFLocal(cfg.model.margin, cfg.train.get("label_smoothing", 0.0)),
+    "hff": lambda cfg: HFFLocal(cfg.model.margin, cfg.train.get("label_smoothing", 0.0),
+                                cfg.train.get("micro_batches", 1)),
     "backprop": lambda cfg: Backprop(cfg.model.margin, cfg.train.get("label_smoothing", 0.0)),
     "ff": _ff,
 }

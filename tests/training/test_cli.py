@@ -90,6 +90,7 @@ def test_existing_run_is_not_overwritten_by_accident(digits_run):
         (["--objective", "magic"], "unknown objective 'magic'"),
         (["--epochs", "0"], "epochs"),
         (["--epochs", "three"], "invalid int value"),
+        (["--objective", "backprop", "--micro-batches", "2"], "needs objective 'hff'"),
         (["--resume", "--out", "{tmp}/nothing-here"], "does not exist"),
         (["--resume", "--out", "{tmp}/corrupt"], "not valid JSON"),
         (["--out", "{tmp}/a-file/run"], "cannot write to output dir"),
