@@ -100,7 +100,8 @@ def worker(args: argparse.Namespace) -> dict:
     model_cfg = preset_config(args.preset)
     config = make_run_config(model_cfg, "synthetic", None, 0,
                              TrainConfig(objective=args.objective, batch_size=args.batch_size,
-                                         precision=args.precision))
+                                         precision=args.precision,
+                                         micro_batches=args.micro_batches[0]))
     model = build_model(model_cfg).to(device)
     channels_last = args.layout == "channels-last"  # the trainer's default
     if channels_last:
@@ -199,20 +200,29 @@ def allocator_env(spec: str) -> dict[str, str]:
     return {**env, "MALLOC_CONF": conf} if conf else env
 
 
-def run_in_subprocess(args: argparse.Namespace, objective: str, threads: int | None = None,
+def variant(label: str) -> tuple[str, int]:
+    """(objective, micro-batches) of a row label: "hff", "hff/4" (its sliceable blocks in 4
+    micro-batches, as hff-train --micro-batches 4) or "backprop"."""
+    objective, _, slices = label.partition("/")
+    return objective, int(slices or 1)
+
+
+def run_in_subprocess(args: argparse.Namespace, label: str, threads: int | None = None,
                       layout: str | None = None, malloc: str = "glibc") -> dict:
     threads = args.threads if threads is None else threads
+    objective, slices = variant(label)
     cmd = [sys.executable, __file__, "--worker", "--objective", objective, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--device", args.device, "--threads", str(threads),
-           "--layout", layout or args.layout, "--precision", args.precision]
+           "--layout", layout or args.layout, "--precision", args.precision,
+           "--micro-batches", str(slices)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env=allocator_env(malloc))
     if proc.returncode != 0:
-        sys.exit(f"worker for {objective} failed:\n{proc.stderr[-2000:]}")
+        sys.exit(f"worker for {label} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["allocator"] != parse_malloc(malloc)[0]:
-        sys.exit(f"worker for {objective} ran on {result['allocator']}, not {malloc}")
+        sys.exit(f"worker for {label} ran on {result['allocator']}, not {malloc}")
     return result
 
 
@@ -253,6 +263,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="the training step's arithmetic, as hff-train's --precision (auto: bf16 "
                         "on CUDA, fp32 on the CPU)")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
+                   help="one HFF row per count: its blocks that can be sliced exactly run in that "
+                        "many micro-batches (hff-train's --micro-batches; rows hff/K), side by side")
     p.add_argument("--allocators", nargs="+", default=default_allocators(),
                    type=lambda spec: parse_malloc(spec) and spec,
                    help="the mallocs to measure, each in its own processes: glibc, jemalloc, or "
@@ -271,7 +284,8 @@ def main() -> None:
 
     if args.sweep:
         sweep(args)
-    cells = [(m, o) for m in args.allocators for o in ("hff", "backprop")]
+    hff_rows = [f"hff/{k}" if k > 1 else "hff" for k in args.micro_batches]
+    cells = [(m, o) for m in args.allocators for o in (*hff_rows, "backprop")]
     results: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits every cell alike
         for malloc, objective in cells:
@@ -279,7 +293,9 @@ def main() -> None:
     first = results[cells[0]][0]
     kind = "GPU max_memory_allocated" if args.device == "cuda" else "CPU peak RSS (VmHWM)"
     print(f"# {args.preset}, batch {args.batch_size}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.repeats} processes per objective and malloc, {args.device}")
+          f"{args.warmup} warm-up, {args.repeats} processes per objective and malloc, {args.device}"
+          + ("; hff/K: HFF's sliceable blocks in K micro-batches (hff-train --micro-batches K)"
+             if len(hff_rows) > 1 or hff_rows != ["hff"] else ""))
     print(f"# machine: {platform.node()} {platform.machine()} {first['device_name'] or ''} "
           f"{os.cpu_count()} cpus, torch {first['torch']} ({first['threads']} threads), "
           f"python {platform.python_version()}, {first['params']:,} parameters")
@@ -308,13 +324,14 @@ def main() -> None:
     for malloc in args.allocators[1:]:
         print(f"{malloc} / {base} images/s: " + ", ".join(
             f"{o} {med[malloc, o]['images_per_s'] / med[base, o]['images_per_s']:.2f}"
-            for o in ("hff", "backprop")))
-    for malloc in args.allocators:
-        h, b = med[malloc, "hff"], med[malloc, "backprop"]
+            for o in (*hff_rows, "backprop")))
+    for malloc, row in ((m, r) for m in args.allocators for r in hff_rows):
+        h, b = med[malloc, row], med[malloc, "backprop"]
         tensor = (f"own memory {h['anon_mib'] / b['anon_mib']:.2f}, "
                   f"tensor bytes {h['tensor_mib'] / b['tensor_mib']:.2f}, "
                   if "tensor_mib" in h else "")
-        print(f"HFF / backprop ({malloc}): training memory {h['train_mib'] / b['train_mib']:.2f}, "
+        name = "HFF" if row == "hff" else f"HFF in {variant(row)[1]} micro-batches"
+        print(f"{name} / backprop ({malloc}): training memory {h['train_mib'] / b['train_mib']:.2f}, "
               f"{tensor}whole-process peak {h['peak_mib'] / b['peak_mib']:.2f}, "
               f"images/s {h['images_per_s'] / b['images_per_s']:.2f}")
 

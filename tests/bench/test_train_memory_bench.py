@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from bench.train_memory import allocator_env, parse_malloc
+from bench.train_memory import allocator_env, parse_malloc, variant
 from training import allocator
 
 
@@ -34,3 +34,9 @@ def test_jemalloc_cells_run_as_hff_train_does_unless_settings_are_given(monkeypa
     env = allocator_env("jemalloc:dirty_decay_ms:10000,oversize_threshold:8388608")
     assert env["MALLOC_CONF"] == "dirty_decay_ms:10000,oversize_threshold:8388608"
     assert env["LD_PRELOAD"].startswith("libjemalloc.so.2")
+
+
+def test_a_row_label_names_the_objective_and_hffs_micro_batches():
+    assert variant("hff") == ("hff", 1)
+    assert variant("hff/4") == ("hff", 4)
+    assert variant("backprop") == ("backprop", 1)
