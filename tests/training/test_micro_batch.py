@@ -121,3 +121,22 @@ def test_only_local_losses_can_be_sliced():
     assert TrainConfig(micro_batches=4).micro_batches == 4
     with pytest.raises(ValueError, match="needs objective 'hff'"):
         TrainConfig(objective="backprop", micro_batches=2)
+
+
+def test_under_bf16_the_stems_gradient_is_as_close_to_float64_as_the_whole_batchs():
+    """The stem's gradient is a sum of terms that nearly cancel: rounded to bf16 one by one
+    they put it 2.7 times as far from the float64 gradient as the whole-batch step's."""
+    reference, _ = _pair("fmnist-vgg")
+    x = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(1))
+    _step(reference, x.double(), y, 1)
+
+    def stem_error(micro_batches: int) -> float:
+        model = copy.deepcopy(reference).float()
+        for p in model.parameters():
+            p.grad = None
+        _step(model, x, y, micro_batches, autocast=True)
+        exact, got = reference.blocks[0].body[0].weight.grad, model.blocks[0].body[0].weight.grad
+        return ((got.double() - exact).norm() / exact.norm()).item()
+
+    assert stem_error(4) < 1.5 * stem_error(1)
