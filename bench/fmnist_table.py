@@ -90,12 +90,12 @@ def _epochs_done(out: Path) -> int:
     return max(0, len(csv.read_text().splitlines()) - 1) if csv.is_file() else 0
 
 
-def train_memory(preset: str, launcher: str, precision: str) -> str:
+def train_memory(preset: str, launcher: str, precision: str, micro_batches: int) -> str:
     """bench/train_memory.py's ratio line for `preset` at batch 256 (fresh processes), in the
-    runs' precision."""
+    runs' precision and with HFF's micro-batches as the runs had them."""
     cmd = [*shlex.split(launcher), sys.executable, str(ROOT / "bench" / "train_memory.py"),
            "--preset", preset, "--batch-size", "256", "--steps", "3", "--repeats", "3",
-           "--precision", precision]
+           "--precision", precision, "--micro-batches", str(micro_batches)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return proc.stdout.strip().splitlines()[-1]
 
@@ -203,10 +203,11 @@ def main() -> int:
     train_images = len(load_dataset("fashion-mnist", args.data_dir).train)
     first = Path(args.work) / f"{slug('HFF (local)')}-s{args.seeds[0]}" / "config.json"
     train = json.loads(first.read_text())["train"]  # the recipe the runs recorded
-    train.setdefault("precision", "auto")  # runs from before the field
+    train.setdefault("precision", "auto")  # runs from before the fields
+    train.setdefault("micro_batches", 1)
     recipe = ", ".join(f"{k} {train[k]}" for k in ("epochs", "batch_size", "lr", "weight_decay",
                                                     "erasing", "label_smoothing", "memory_format",
-                                                    "precision"))
+                                                    "precision", "micro_batches"))
     print(f"\nFashion-MNIST ({train_images:,} training images), {args.preset}, {recipe}, "
           f"seeds {args.seeds}; "
           f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
@@ -215,7 +216,8 @@ def main() -> int:
     accs = {v: statistics.mean(m["final_test_accuracy"] for m in runs) for v, runs in headline.items()}
     print(f"HFF - backprop: {(accs['HFF (local)'] - accs['backprop']) * 100:+.2f} points")
     if not args.no_memory:
-        line = train_memory(args.preset, args.launcher, train["precision"])
+        line = train_memory(args.preset, args.launcher, train["precision"],
+                            train.get("micro_batches", 1))
         print(f"peak training memory, batch 256 ({args.preset}): {line}")
         match = re.search(r"training memory ([0-9.]+)", line)
         if match:

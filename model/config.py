@@ -262,9 +262,12 @@ def fmnist_vgg() -> dict[str, Any]:
     on the same code; 21.1 min on a later machine, 16.3 min there once hff-train's jemalloc
     stopped returning and re-faulting ~40 MiB a step, training/allocator.py); backprop on the
     same 24 epochs: 94.04% (seed 0). Calibrated early exit on the 24-epoch seed-0 model: 92.96
-    against 93.26% test accuracy at 15.7% of the MACs. Training memory is HFF's weak point here:
-    block 1's 28x28 maps are HFF's whole peak (0.52x backprop's in tensors, 0.66-0.68x in
-    resident set on hff-train's jemalloc settings, 0.73-0.85x on glibc or jemalloc's defaults).
+    against 93.26% test accuracy at 15.7% of the MACs. Training memory: block 1's 28x28 maps
+    are HFF's whole peak (0.52x backprop's in tensors, 0.66-0.68x in resident set on
+    hff-train's jemalloc settings, 0.73-0.85x on glibc or jemalloc's defaults); with
+    --micro-batches 4 block 1 holds a quarter of the batch's maps at a time, with the same
+    gradient (training/micro_batch.py), and HFF needs 0.58x backprop's resident set (0.46x in
+    tensors; block 2 is then about as large).
     Per-block figures, backprop and what was tried: README, Real data: Fashion-MNIST,
     and docs/fashion-mnist.md.
     """
