@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from training.losses import correct_count
+
 
 class NormSplit(NamedTuple):
     """A block body as stem -> norm -> rest; norm None: no layer couples the batch."""
@@ -167,7 +169,7 @@ def _run_slices(block: nn.Module, norm: Callable[[Tensor], Tensor], rest: nn.Mod
             part.grad = None
         outputs.append(h.detach())
         losses.append(loss.detach())
-        correct.append((logits.detach().argmax(dim=1) == target).sum())
+        correct.append(correct_count(logits, target))
     return SliceResult(torch.cat(outputs), torch.stack(losses).sum(), torch.stack(correct).sum())
 
 

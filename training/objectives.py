@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from model.checkpoint import RunConfig
-from training.losses import prototype_loss
+from training.losses import correct_count, prototype_loss
 from training.micro_batch import block_step_in_slices, split_at_norm
 
 
@@ -33,10 +33,6 @@ class Objective(Protocol):
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepStats: ...
 
     def block_scores(self, model: nn.Module, x: Tensor) -> list[Tensor]: ...
-
-
-def _correct(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.detach().argmax(dim=1) == y).sum()
 
 
 class HFFLocal:
@@ -71,7 +67,7 @@ class HFFLocal:
             loss = prototype_loss(logits, y, block.head.scale, self.margin, self.label_smoothing)
             loss.backward()  # frees this block's graph now
             losses.append(loss.detach())
-            correct.append(_correct(logits, y))
+            correct.append(correct_count(logits, y))
         return StepStats(losses, correct)
 
     def block_scores(self, model: nn.Module, x: Tensor) -> list[Tensor]:
@@ -100,7 +96,7 @@ class Backprop:
             logits = block.head(h if k == last else h.detach())
             losses.append(prototype_loss(logits, y, block.head.scale, self.margin,
                                          self.label_smoothing))
-            correct.append(_correct(logits, y))
+            correct.append(correct_count(logits, y))
         torch.stack(losses).sum().backward()
         return StepStats([loss.detach() for loss in losses], correct)
 
