@@ -216,8 +216,7 @@ def main() -> int:
     accs = {v: statistics.mean(m["final_test_accuracy"] for m in runs) for v, runs in headline.items()}
     print(f"HFF - backprop: {(accs['HFF (local)'] - accs['backprop']) * 100:+.2f} points")
     if not args.no_memory:
-        line = train_memory(args.preset, args.launcher, train["precision"],
-                            train.get("micro_batches", 1))
+        line = train_memory(args.preset, args.launcher, train["precision"], train["micro_batches"])
         print(f"peak training memory, batch 256 ({args.preset}): {line}")
         match = re.search(r"training memory ([0-9.]+)", line)
         if match:

@@ -134,8 +134,9 @@ def prepare_new_run(args: argparse.Namespace, out: Path):
         model_cfg = preset_config(preset, **overrides)
         # The data set's recipe is HFF's and backprop's (but micro-batches, which only local
         # losses can take); FF keeps its own defaults.
-        recipe = {k: v for k, v in data.train_defaults.items()
-                  if args.objective == "hff" or k != "micro_batches"} if args.objective != "ff" else {}
+        recipe = {} if args.objective == "ff" else dict(data.train_defaults)
+        if args.objective != "hff":
+            recipe.pop("micro_batches", None)
         train_cfg = TrainConfig(objective=args.objective, augment=not args.no_augment,
                                 ff=train_ff if args.objective == "ff" else None,
                                 **{**recipe, **given(args, TrainConfig, TRAIN_FLAGS)})
