@@ -90,7 +90,7 @@ class TrainConfig(BaseModel):
         1, ge=1, description="HFF only: train each block whose one batch norm follows its "
                              "first layers in this many slices of the batch, with the whole "
                              "batch's gradient and statistics (training/micro_batch.py): the "
-                             "same step in less memory, a few percent slower")
+                             "same step in less memory, about as fast")
     eval_batch_size: int = Field(512, ge=1)
     ff: FFTrainConfig | None = None  # Forward-Forward loss, gamma and remedy (objective ff)
 
