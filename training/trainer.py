@@ -8,7 +8,9 @@ same path as an unbroken one, whatever the number of DataLoader workers.
 Conv networks train channels-last (NHWC) by default, on the CPU too: measured faster there for both
 objectives (docs/training-memory.md). On CUDA, and on the CPU with `precision: bf16` (the
 Fashion-MNIST recipe's where the CPU has native bf16), the training step runs under bf16
-autocast; evaluation on the CPU stays fp32. The checkpoint is saved from CPU copies in the
+autocast, and so does the validation pass that ends each epoch (a monitor, twice as fast as fp32
+there); the final evaluation, whose figures and held-out probabilities are the run's report and
+early exit's calibration, stays fp32 on the CPU. The checkpoint is saved from CPU copies in the
 standard layout, so it depends on neither. Under torchrun, each rank
 trains on its DistributedSampler shard of every global batch, gradients are averaged across ranks
 (training/distributed.py says why by hand rather than with DDP), metrics are summed over ranks
@@ -82,7 +84,8 @@ class TrainConfig(BaseModel):
                                    description="label smoothing of every block's loss")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="training step's arithmetic: bf16 autocast or fp32 (auto: bf16 on "
-                            "CUDA, fp32 on the CPU); evaluation stays fp32 on the CPU")
+                            "CUDA, fp32 on the CPU), and each epoch's validation pass's; the "
+                            "final evaluation stays fp32 on the CPU")
     memory_format: Literal["channels-last", "contiguous"] = Field(
         "channels-last", description="layout of the network and the batches while training "
                                      "(channels-last: NHWC, faster on CPU and GPU here)")
@@ -145,11 +148,17 @@ def native_bf16() -> bool:
         return False
 
 
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether `precision` means bf16 autocast on `device`: on CUDA by default, anywhere with
+    "bf16"."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast (no loss scaling needed: bf16 has float32's range) on CUDA, or anywhere with
-    precision "bf16"; fp32 otherwise. On a CPU with native bf16 (AVX512-BF16, AMX) oneDNN's bf16
-    convolutions are faster than fp32 ones; elsewhere they are emulated and slower."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast (no loss scaling needed: bf16 has float32's range) where `uses_bf16`; fp32
+    otherwise. On a CPU with native bf16 (AVX512-BF16, AMX) oneDNN's bf16 convolutions are faster
+    than fp32 ones; elsewhere they are emulated and slower."""
+    if uses_bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -165,8 +174,10 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool = False) -> T
 @torch.no_grad()
 def predict_blocks(objective: Objective, model: nn.Module, data: Dataset, batch_size: int,
                    device: torch.device, num_workers: int = 0, info: DistInfo = SINGLE,
-                   channels_last: bool = False) -> tuple[list[Tensor], Tensor]:
-    """Every block's scores over a whole split, on the CPU: ([(N, classes)] * L, labels (N,)).
+                   channels_last: bool = False, precision: str = "auto"
+                   ) -> tuple[list[Tensor], Tensor]:
+    """Every block's scores over a whole split, on the CPU: ([(N, classes)] * L, labels (N,)),
+    in `precision`'s arithmetic (`autocast`).
 
     Under torchrun each rank scores a contiguous shard and the shards are gathered in order, so
     every rank returns the whole split.
@@ -179,7 +190,7 @@ def predict_blocks(objective: Objective, model: nn.Module, data: Dataset, batch_
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", collate_fn=collate)
     for x, y in loader:
-        with autocast(device):
+        with autocast(device, precision):
             scores = objective.block_scores(model, to_device(x, device, channels_last))
         chunks.append(torch.stack([s.float() for s in scores], dim=1))  # (B, L, classes)
         labels.append(y.to(device))
@@ -332,11 +343,12 @@ class Trainer:
         loss_sum, correct, seen = totals[:blocks], totals[blocks:2 * blocks], totals[-1]
         return (loss_sum / seen).tolist(), (correct / seen).tolist()
 
-    def evaluate(self, split: Dataset) -> tuple[dict[str, list[float]], list[Tensor], Tensor]:
+    def evaluate(self, split: Dataset, precision: str = "auto"
+                 ) -> tuple[dict[str, list[float]], list[Tensor], Tensor]:
         scores, labels = predict_blocks(self.objective, self.model, split,
                                         self.train_cfg.eval_batch_size, self.device,
                                         num_workers=self.num_workers, info=self.dist,
-                                        channels_last=self.channels_last)
+                                        channels_last=self.channels_last, precision=precision)
         loss_fn = getattr(self.objective, "score_loss", None)  # FF reports its own loss
         return block_report(scores, labels, loss_fn), scores, labels
 
@@ -345,11 +357,14 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.out, self.config)
+        # Each epoch's validation pass is a monitor, so it runs in the step's arithmetic (bf16
+        # halves its time on a CPU with native bf16, 3-5% of the recipe's run); the report is fp32.
+        monitor = self.train_cfg.precision
         last_val = None
         for epoch in range(self.start_epoch + 1, self.train_cfg.epochs + 1):
             t0 = time.perf_counter()
             train_loss, train_acc = self._train_epoch(epoch)
-            last_val = self.evaluate(self.data.val)
+            last_val = self.evaluate(self.data.val, monitor)
             val = last_val[0]
             dt = time.perf_counter() - t0
             self.elapsed_s += dt
@@ -360,13 +375,15 @@ class Trainer:
             self._save_epoch(epoch)
             log.info("epoch %d/%d %.1fs  train acc %s  val acc %s", epoch, self.train_cfg.epochs, dt,
                      _fmt(train_acc), _fmt(val["accuracy"]))
-        return self._finish(last_val)
+        same_arithmetic = uses_bf16(self.device, monitor) == uses_bf16(self.device)
+        return self._finish(last_val if same_arithmetic else None)
 
     def _finish(self, last_val: tuple[dict[str, list[float]], list[Tensor], Tensor] | None = None
                 ) -> dict[str, Any]:
-        """Final evaluation and artifacts. `last_val`: the last epoch's validation pass, which
-        scored these same weights (nothing changes them after it), so it is not run twice; a
-        run resumed with no epoch left evaluates afresh."""
+        """Final evaluation and artifacts. `last_val`: the last epoch's validation pass when it
+        scored these same weights (nothing changes them after it) in the report's arithmetic, so
+        it is not run twice; a run resumed with no epoch left, or monitored in bf16, evaluates
+        afresh."""
         val, val_scores, val_labels = last_val or self.evaluate(self.data.val)
         test, test_scores, test_labels = self.evaluate(self.data.test)
         if hasattr(self.objective, "report"):  # FF: combined prediction, gradient attenuation

@@ -115,25 +115,41 @@ def test_workers_do_not_change_the_run(tmp_path):
 
 @pytest.mark.parametrize(("precision", "bf16_step"), [("bf16", True), ("fp32", False),
                                                       ("auto", False)])  # auto: bf16 on CUDA only
-def test_precision_sets_the_training_steps_autocast_and_evaluation_stays_fp32(
+def test_precision_sets_the_step_and_the_epochs_validation_and_the_report_stays_fp32(
         tmp_path, precision, bf16_step):
     data = load_dataset("digits")
-    trainer = _trainer(tmp_path, data, precision=precision)
-    seen = {"train": [], "eval": []}
-    step, scores = trainer.objective.train_step, trainer.objective.block_scores
+    trainer = _trainer(tmp_path, data, precision=precision, epochs=2)
+    seen = {"train": [], "monitor": [], "report": []}
+    phase = ["monitor"]  # block_scores outside the step: the epochs' validation, then the report
+    step, scores, finish = (trainer.objective.train_step, trainer.objective.block_scores,
+                            trainer._finish)
+
+    def bf16_now() -> bool:
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
     def spy(kind, fn):
         def wrapped(*args):
-            seen[kind].append(torch.is_autocast_enabled("cpu")
-                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            seen[kind if kind == "train" else phase[0]].append(bf16_now())
             return fn(*args)
         return wrapped
 
+    def finishing(*args):
+        phase[0] = "report"
+        return finish(*args)
+
     trainer.objective.train_step = spy("train", step)
     trainer.objective.block_scores = spy("eval", scores)
-    trainer.fit()
+    trainer._finish = finishing
+    metrics = trainer.fit()
     assert seen["train"] and set(seen["train"]) == {bf16_step}
-    assert seen["eval"] and set(seen["eval"]) == {False}
+    assert len(seen["monitor"]) == 2 and set(seen["monitor"]) == {bf16_step}  # one val batch an epoch
+    # the report scores validation afresh when the monitor ran in bf16, and test always, in fp32
+    assert seen["report"] == [False] * (2 if bf16_step else 1)
+    _, val_scores, _ = trainer.evaluate(data.val)  # fp32, these weights
+    heldout = load_file(str(tmp_path / "heldout_probs.safetensors"))
+    expected = torch.stack([s.softmax(1) for s in val_scores], 1)
+    assert torch.equal(heldout["val_probs"], expected)
+    assert metrics["val"]["accuracy"] == trainer.evaluate(data.val)[0]["accuracy"]
 
 
 @pytest.mark.slow
