@@ -191,13 +191,14 @@ def test_label_smoothing_reaches_every_block_loss(objective):
 
 
 def test_fit_scores_the_validation_split_once_per_epoch(tmp_path, monkeypatch):
-    """The last epoch's validation pass scored the final weights; the final report reuses it
-    (the same numbers) instead of scoring the split again."""
+    """The last epoch's validation pass scored the final weights in the report's arithmetic;
+    the final report reuses it (the same numbers) instead of scoring the split again."""
     data = load_dataset("digits")
     trainer = _trainer(tmp_path, data, epochs=2, augment=False)
     splits = []
     evaluate = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or evaluate(split))
+    monkeypatch.setattr(trainer, "evaluate",
+                        lambda split, *args: splits.append(split) or evaluate(split, *args))
     metrics = trainer.fit()
     assert splits == [data.val, data.val, data.test]
     assert metrics["val"]["accuracy"] == metrics["history"][-1]["val_acc"]
@@ -210,7 +211,8 @@ def test_finish_without_an_epoch_scores_the_validation_split(tmp_path, monkeypat
     trainer = _trainer(tmp_path, data, epochs=1, augment=False)
     splits = []
     evaluate = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or evaluate(split))
+    monkeypatch.setattr(trainer, "evaluate",
+                        lambda split, *args: splits.append(split) or evaluate(split, *args))
     trainer.start_epoch = 1  # as a run resumed with every epoch done
     trainer.fit()
     assert splits == [data.val, data.test]
