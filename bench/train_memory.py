@@ -295,7 +295,7 @@ def main() -> None:
     print(f"# {args.preset}, batch {args.batch_size}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.repeats} processes per objective and malloc, {args.device}"
           + ("; hff/K: HFF's sliceable blocks in K micro-batches (hff-train --micro-batches K)"
-             if len(hff_rows) > 1 or hff_rows != ["hff"] else ""))
+             if hff_rows != ["hff"] else ""))
     print(f"# machine: {platform.node()} {platform.machine()} {first['device_name'] or ''} "
           f"{os.cpu_count()} cpus, torch {first['torch']} ({first['threads']} threads), "
           f"python {platform.python_version()}, {first['params']:,} parameters")

@@ -145,11 +145,11 @@ def test_precision_sets_the_step_and_the_epochs_validation_and_the_report_stays_
     assert len(seen["monitor"]) == 2 and set(seen["monitor"]) == {bf16_step}  # one val batch an epoch
     # the report scores validation afresh when the monitor ran in bf16, and test always, in fp32
     assert seen["report"] == [False] * (2 if bf16_step else 1)
-    _, val_scores, _ = trainer.evaluate(data.val)  # fp32, these weights
+    fresh, val_scores, _ = trainer.evaluate(data.val)  # fp32, these weights
     heldout = load_file(str(tmp_path / "heldout_probs.safetensors"))
     expected = torch.stack([s.softmax(1) for s in val_scores], 1)
     assert torch.equal(heldout["val_probs"], expected)
-    assert metrics["val"]["accuracy"] == trainer.evaluate(data.val)[0]["accuracy"]
+    assert metrics["val"]["accuracy"] == fresh["accuracy"]
 
 
 @pytest.mark.slow
