@@ -42,6 +42,29 @@ def test_logsumexp_over_one_prototype_is_the_cosine():
     torch.testing.assert_close(head(h), head.scale * head.scores(h))
 
 
+def test_head_hands_a_channels_last_map_its_gradient_channels_last():
+    # Flatten's backward gives an NCHW gradient; the head converts it back before the pooling's
+    # backward (its slow path on mixed layouts), and the values are the same as without
+    net = small_digits_net(pool_grid=2)
+    head = net.blocks[0].head
+    h = torch.rand(6, *net.blocks[0].out_shape)
+    grads = {}
+    for name, layout in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+        leaf = h.clone().contiguous(memory_format=layout).requires_grad_(True)
+        def keep(module, grad_in, grad_out, name=name):  # the gradient the pooling receives
+            grads[name] = grad_out[0]
+
+        hook = head.pool[0].register_full_backward_hook(keep)
+        head(leaf).square().sum().backward()
+        hook.remove()
+        grads[name + " input"] = leaf.grad
+    assert grads["nhwc"].is_contiguous(memory_format=torch.channels_last)
+    assert not grads["nhwc"].is_contiguous()
+    assert grads["nchw"].is_contiguous()
+    torch.testing.assert_close(grads["nhwc"], grads["nchw"], rtol=0, atol=0)
+    torch.testing.assert_close(grads["nhwc input"], grads["nchw input"], rtol=0, atol=0)
+
+
 def test_later_block_loss_sends_no_gradient_to_earlier_blocks():
     net = small_digits_net().train()
     logits = net(torch.rand(8, 1, 8, 8))  # training mode: inputs of blocks are detached
