@@ -267,7 +267,9 @@ def fmnist_vgg() -> dict[str, Any]:
     hff-train's jemalloc settings, 0.73-0.85x on glibc or jemalloc's defaults); with
     --micro-batches 4 block 1 holds a quarter of the batch's maps at a time, with the same
     gradient (training/micro_batch.py), and HFF needs 0.58x backprop's resident set (0.46x in
-    tensors; block 2 is then about as large).
+    tensors; block 2 is then about as large). As shipped (micro-batches, and the heads' pooled
+    gradient handed back channels-last, model.hff.GradInInputLayout): seeds 0 / 1 / 2 reach
+    93.07 / 93.07 / 93.20% (mean 93.11%, backprop 93.89%) in 12.2-13.2 min a run on 2 cores.
     Per-block figures, backprop and what was tried: README, Real data: Fashion-MNIST,
     and docs/fashion-mnist.md.
     """
