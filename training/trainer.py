@@ -358,7 +358,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.out, self.config)
         # Each epoch's validation pass is a monitor, so it runs in the step's arithmetic (bf16
-        # halves its time on a CPU with native bf16, 3-5% of the recipe's run); the report is fp32.
+        # halves its time on a CPU with native bf16, 3-5% of the recipe's run); the report keeps
+        # evaluate's default arithmetic (fp32 on the CPU, bf16 on CUDA).
         monitor = self.train_cfg.precision
         last_val = None
         for epoch in range(self.start_epoch + 1, self.train_cfg.epochs + 1):
