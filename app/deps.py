@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import ClientError
+from app.peers import WorkerPeers
 from app.repository import ModelRepository
 from app.service import Service
 
@@ -18,6 +19,11 @@ from app.service import Service
 # thread pool, a thread hop per request that costs more than the check itself.
 async def get_repository(request: Request) -> ModelRepository:
     return request.app.state.repository
+
+
+async def get_peers(request: Request) -> WorkerPeers | None:
+    """The other worker processes of this hff-serve (HFF_WORKERS > 1), else None."""
+    return request.app.state.peers
 
 
 async def get_default_service(request: Request) -> Service:
@@ -59,6 +65,7 @@ def check_api_key(server: ModelRepository | Service, headers: Mapping[str, str])
 
 
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+PeersDep = Annotated[WorkerPeers | None, Depends(get_peers)]
 ServiceDep = Annotated[Service, Depends(get_default_service)]
 NamedServiceDep = Annotated[Service, Depends(get_service)]
 VersionedServiceDep = Annotated[Service, Depends(get_service_version)]

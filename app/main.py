@@ -27,6 +27,7 @@ from app.hotpath import HotPathProtocol, HotRoutes
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.openapi import install_openapi
+from app.peers import WorkerPeers
 from app.repository import ModelRepository
 from app.routes import health, kserve, metrics, model_control, models, predict
 from app.settings import Settings
@@ -42,12 +43,17 @@ PROG = "hff-serve"
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Warm up in the background (live at once, ready after warm-up); drain the batchers at exit."""
     repository: ModelRepository = app.state.repository
+    peers: WorkerPeers | None = app.state.peers
     tune_gc()
+    if peers is not None:
+        await peers.start()
     repository.start()
     try:
         yield
     finally:
         await repository.stop()
+        if peers is not None:
+            await peers.stop()
 
 
 def tune_gc() -> None:
@@ -98,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      description="Hyperspherical Forward-Forward inference with dynamic batching "
                                  "and per-sample early exit.")
     app.state.repository = repository
+    app.state.peers = None  # the other worker processes (app.workers sets it)
     install_error_handlers(app)
     for module in (predict, kserve, health, models, model_control, metrics):
         app.include_router(module.router)
@@ -191,9 +198,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, worker: int | None = None) -> None:
+    who = "" if worker is None else f" [worker {worker}]"
     logging.basicConfig(level=settings.LOG_LEVEL.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
 
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -226,11 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.SERVER == "granian":
         return serve_granian(settings)
-    config = server_config(app, settings)
+    if settings.WORKERS > 1:
+        from app.workers import supervise
+
+        del app  # it was built to check the model dir; each worker builds its own
+        gc.collect()
+        return supervise(settings)
+    return run_server(app, settings)
+
+
+def run_server(app: FastAPI, settings: Settings, sockets: list | None = None) -> int:
+    """Serve `app` with uvicorn until SIGTERM (on `sockets` when given: app.workers); the exit
+    status."""
     repository: ModelRepository = app.state.repository
-    server = DrainingServer(config, repository)
+    server = DrainingServer(server_config(app, settings), repository)
     repository.on_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started and repository.failure is None else 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.early_exit import EarlyExitMode
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
     # the HTTP server: uvicorn, or granian (the granian extra; Rust HTTP and the RSGI interface)
     SERVER: Literal["uvicorn", "granian"] = "uvicorn"
+    # processes serving the port (SO_REUSEPORT), each with its own batcher; 1: this process
+    # serves (README, "Several worker processes")
+    WORKERS: int = Field(1, ge=1, le=64)
 
     @field_validator("MODEL_REPOSITORY")
     @classmethod
@@ -93,6 +96,13 @@ class Settings(BaseSettings):
         if v is not None and len(str(v)) < 8:
             raise ValueError("an API key needs at least 8 characters")
         return v
+
+    @model_validator(mode="after")
+    def _workers_on_uvicorn(self) -> Settings:
+        if self.WORKERS > 1 and self.SERVER != "uvicorn":
+            raise ValueError("HFF_WORKERS > 1 runs uvicorn workers; with HFF_SERVER=granian "
+                             "set HFF_WORKERS=1")
+        return self
 
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod

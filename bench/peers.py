@@ -64,7 +64,9 @@ HFF_CONFIGS: dict[str, dict[str, str]] = {
     # the batcher's share: no batch window, and early exit off (the whole graph, as the peers run)
     "hff-nowait": {"max_batch_wait_ms": "0"}, "hff-exit-off": {"early_exit": "off"},
     # every model call on the inference thread, none on the event loop (HFF_INLINE_CALL_MS)
-    "hff-thread": {"inline_call_ms": "0"}}
+    "hff-thread": {"inline_call_ms": "0"},
+    # two worker processes on the port (app.workers), each with its own batcher
+    "hff-workers2": {"workers": "2"}}
 
 GRACE_S = 5.0  # how long a peer's processes get to exit on SIGTERM; they are done being measured
 
@@ -292,7 +294,8 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 # warm-up (rounded; 64 connections and two calls at once settle near a third of 64), in as many
 # one-thread calls at once as the server runs (HFF_CONCURRENT_CALLS, 2)
 CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
-                "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1}}
+                "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1},
+                "hff, HFF_WORKERS=2": {"workers": 2}}
 CIFAR_CEILINGS = [(64, 1, False), (32, 1, False), (32, 1, True), (32, 2, False)]
 # whole-graph calls the server runs at once on CPU by default (HFF_CONCURRENT_CALLS)
 SERVED_CALLS: int = Settings.model_fields["CONCURRENT_CALLS"].default

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import ApiKey, RepositoryDep
+from app.deps import ApiKey, PeersDep, RepositoryDep
 from app.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v2/repository", tags=["model-control"], dependencies=[ApiKey])
@@ -34,11 +34,13 @@ async def index(repository: RepositoryDep, body: IndexRequest | None = None
 # {model}, not {name}: any model of the repository, not only the served ones (app/openapi.py
 # lists those as {name}'s values)
 @router.post("/models/{model}/load", responses=_ERRORS)
-async def load(model: str, repository: RepositoryDep) -> dict[str, Any]:
+async def load(model: str, repository: RepositoryDep, peers: PeersDep) -> dict[str, Any]:
     """Load the newest complete version of a model that loads (or switch to it, when an older
-    one serves); 400 with the reasons when none does. Answers once it serves: the version
-    serving, and the newer versions refused (one line each: why)."""
+    one serves); 400 with the reasons when none does. Answers once it serves (in every worker
+    process): the version serving, and the newer versions refused (one line each: why)."""
     service, refused = await repository.load(model)
+    if peers is not None:
+        await peers.control("load", model)
     answer: dict[str, Any] = {"name": service.name, "version": service.version}
     if refused:
         answer["refused"] = refused
@@ -46,8 +48,11 @@ async def load(model: str, repository: RepositoryDep) -> dict[str, Any]:
 
 
 @router.post("/models/{model}/unload", responses=_ERRORS)
-async def unload(model: str, repository: RepositoryDep) -> dict[str, str]:
+async def unload(model: str, repository: RepositoryDep, peers: PeersDep) -> dict[str, str]:
     """Stop serving a model: new requests get 404 at once; the ones it accepted are answered
-    before this returns. The poller leaves it unloaded until it is loaded again."""
+    before this returns (in every worker process). The poller leaves it unloaded until it is
+    loaded again."""
     await repository.unload(model)
+    if peers is not None:
+        await peers.control("unload", model)
     return {"name": model, "state": "UNAVAILABLE"}

@@ -166,7 +166,10 @@ def assert_drained(srv: ServerProcess, results: list) -> list:
     assert code == 0, log
     assert all(status in (200, 503) or isinstance(status, str) for status, _, _ in results), results
     ok = [(body, t) for status, body, t in results if status == 200]
-    accepted, answered = map(int, re.search(r"(\d+) requests accepted, (\d+) answered", log).groups())
+    # one line per batcher: per worker process when there are several (HFF_WORKERS)
+    counts = re.findall(r"(\d+) requests accepted, (\d+) answered", log)
+    assert counts, log
+    accepted, answered = (sum(int(c[i]) for c in counts) for i in (0, 1))
     assert accepted == answered == len(ok), log
     assert "Traceback" not in log, log
     return ok
