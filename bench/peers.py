@@ -326,16 +326,26 @@ def own_cpu_seconds() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
+def server_processes(pid: int) -> list[int]:
+    """`pid` and its worker processes (HFF_WORKERS > 1: the supervisor's children)."""
+    with contextlib.suppress(OSError):
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    return [pid]
+
+
 def with_core_use(pid: int, run) -> tuple[dict, CoreUse]:
-    """run()'s result, and how the cores were used while it ran (server `pid` and the rest)."""
-    threads_before, busy_before, mine_before = thread_cpu(pid), machine_busy_seconds(), own_cpu_seconds()
+    """run()'s result, and how the cores were used while it ran (server `pid` with its worker
+    processes, and the rest); `loop` sums the processes' main threads (each one's event loop)."""
+    pids = server_processes(pid)
+    cpu = lambda: {(p, tid): s for p in pids for tid, s in thread_cpu(p).items()}  # noqa: E731
+    threads_before, busy_before, mine_before = cpu(), machine_busy_seconds(), own_cpu_seconds()
     start = time.perf_counter()
     result = run()
     wall = time.perf_counter() - start
-    threads = {tid: s - threads_before.get(tid, 0.0) for tid, s in thread_cpu(pid).items()}
+    threads = {key: s - threads_before.get(key, 0.0) for key, s in cpu().items()}
     busy = (machine_busy_seconds() - busy_before) / wall
     mine = (own_cpu_seconds() - mine_before) / wall
-    loop = threads.pop(pid, 0.0) / wall
+    loop = sum(threads.pop((p, p), 0.0) for p in pids) / wall
     others = sum(threads.values()) / wall
     return result, CoreUse(loop, others, mine, max(0.0, busy - loop - others - mine),
                            max(0.0, (os.cpu_count() or 1) - busy))
