@@ -98,6 +98,18 @@ def test_sigterm_drains_every_worker_and_loses_no_accepted_request(digits_model_
     assert srv.log().count("requests accepted") == 2
 
 
+def test_sigint_to_the_supervisor_drains_the_workers(digits_model_dir, tmp_path):
+    """Ctrl-C in a terminal reaches the supervisor only (the workers have their own session)."""
+    srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1)
+    workers = worker_pids(srv.proc.pid)
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.stop(signal_first=False) == 0
+    assert not any(alive(pid) for pid in workers)
+    log = srv.log()
+    assert "supervisor: SIGINT, draining 2 workers" in log and log.count("Finished server") == 2
+    assert "Traceback" not in log, log
+
+
 def test_a_worker_that_dies_stops_the_service(digits_model_dir, tmp_path):
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1)
     first, second = worker_pids(srv.proc.pid)
