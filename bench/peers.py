@@ -290,8 +290,9 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 # ones at the same batch size, with spinning off (as the server runs) and on (onnxruntime's
 # default, which the ceiling may use: it has no event loop to leave a core to); two one-thread
 # calls of 32 at once was the best this machine's onnxruntime did in process. One more ceiling
-# is the issue's own measure, the same batch size as the server's: its mean batch over the
-# warm-up (rounded; 64 connections and two calls at once settle near a third of 64), in as many
+# per served configuration is the issue's own measure, the same batch size as that server's: its
+# mean batch over the warm-up (rounded; 64 connections and two calls at once settle near a third
+# of 64; two workers batch their own connections, so smaller), in as many
 # one-thread calls at once as the server runs (HFF_CONCURRENT_CALLS, 2)
 CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
                 "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1},
@@ -382,11 +383,15 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
             served: dict[str, list[dict]] = {name: [] for name in servers}
             core_use: dict[str, list[CoreUse]] = {name: [] for name in servers}
             kinds = list(CIFAR_CEILINGS)
-            # this tree's defaults when they run, else the first server
-            reference = servers.get("hff") or next(iter(servers.values()))
-            same = same_batch_ceiling(mean_batch(reference.url), kinds)
-            if same is not None:
-                kinds.append(same)
+            # each server against the ceiling at its own mean batch size (two workers batch
+            # their own connections' requests, so their batches are smaller)
+            same: dict[str, tuple[int, int, bool]] = {}
+            for name, server in servers.items():
+                batch = mean_batch(server.url)
+                extra = same_batch_ceiling(batch, kinds)
+                if extra is not None:
+                    kinds.append(extra)
+                same[name] = (max(1, round(batch)), SERVED_CALLS, False)
             ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in kinds}
             for _ in range(args.repeats):
                 for batch, concurrent, spinning in kinds:
@@ -402,7 +407,9 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
         for (batch, concurrent, spinning), runs in ceilings.items():
             how = "one call at a time" if concurrent == 1 else f"{concurrent} calls at once"
             spin = ", idle threads spinning" if spinning else ""
-            mark = ", the server's batch size" if (batch, concurrent, spinning) == same else ""
+            mark = (", the batch size of " + ", ".join(n for n, k in same.items()
+                                                        if k == (batch, concurrent, spinning))
+                    if (batch, concurrent, spinning) in same.values() else "")
             emit("cifar-cnn", f"onnxruntime in process, batch {batch}, {how}{spin}{mark} "
                               "(instances/s)", "-", runs)
             medians[batch, concurrent, spinning] = np.median([r["throughput"] for r in runs])
@@ -413,7 +420,7 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
             tput = np.median([r["throughput"] for r in runs])
             print(f"# cifar-cnn {name} / ceiling: " + ", ".join(
                 f"batch {b} x{c}{' spinning' if spin else ''}"
-                f"{' (same batch)' if (b, c, spin) == same else ''} {tput / m:.0%}"
+                f"{' (same batch)' if (b, c, spin) == same[name] else ''} {tput / m:.0%}"
                 for (b, c, spin), m in medians.items()))
         for name, uses in core_use.items():  # what the server's share of the ceiling went to
             median = CoreUse(*np.median(np.array(uses), axis=0))
