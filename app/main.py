@@ -186,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "repository)")
     p.add_argument("--host", default=None, help="address to listen on (HFF_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (HFF_PORT, default 8000)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes serving the port "
+                   "(HFF_WORKERS, default 1; README: several worker processes)")
     return p
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in (("MODEL_DIR", args.model_dir), ("HOST", args.host),
-                                   ("PORT", args.port),
+                                   ("PORT", args.port), ("WORKERS", args.workers),
                                    ("MODEL_REPOSITORY", args.model_repository)) if v is not None}
     if args.model_dir is not None:
         overrides["MODEL_REPOSITORY"] = ""  # --model-dir wins over HFF_MODEL_REPOSITORY

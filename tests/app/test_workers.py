@@ -167,9 +167,8 @@ def test_workers_need_uvicorn(digits_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("HFF_SERVER", "granian")
     assert main(["--model-dir", str(digits_model_dir)]) == 2
     assert "HFF_WORKERS > 1 runs uvicorn workers" in capsys.readouterr().err
-    monkeypatch.setenv("HFF_WORKERS", "0")
     monkeypatch.setenv("HFF_SERVER", "uvicorn")
-    assert main(["--model-dir", str(digits_model_dir)]) == 2
+    assert main(["--model-dir", str(digits_model_dir), "--workers", "0"]) == 2
     assert "HFF_WORKERS" in capsys.readouterr().err
 
 
