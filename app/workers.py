@@ -43,25 +43,41 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_GRACE_S = 5.0  # after the workers' own shutdown timeout, before they are killed
 
 
-def bind_reuseport(host: str, port: int) -> socket.socket:
+def bind_reuseport(host: str, port: int, reuse_port: bool = True) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT: every worker binds its own, and the
     kernel spreads the connections among those that listen."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """The port for the workers, held by a SO_REUSEPORT socket that never listens. Bound once
+    without SO_REUSEPORT first: that bind fails when anything holds the port, so a second
+    hff-serve started on it by mistake is refused instead of silently sharing its connections
+    (the kernel would spread them over both services' sockets)."""
+    with bind_reuseport(host, port, reuse_port=False) as exclusive:
+        port = exclusive.getsockname()[1]  # port 0: the one the kernel chose
+    return bind_reuseport(host, port)
 
 
 def supervise(settings: Settings) -> int:
     """Run settings.WORKERS workers until SIGTERM/SIGINT (exit 0 when every worker drained) or
     until one of them exits by itself (exit 1, or 2 when its settings or model were refused)."""
     try:
-        reserved = bind_reuseport(settings.HOST, settings.PORT)
+        reserved = claim_port(settings.HOST, settings.PORT)
     except OSError as e:
-        log.error("cannot listen on %s port %d: %s", settings.HOST, settings.PORT, e)
+        print(f"hff-serve: error: cannot listen on {settings.HOST} port {settings.PORT}: "
+              f"{e.strerror or e}", file=sys.stderr)
         return 1
     port = reserved.getsockname()[1]
     settings = settings.model_copy(update={"PORT": port})

@@ -110,6 +110,18 @@ def test_sigint_to_the_supervisor_drains_the_workers(digits_model_dir, tmp_path)
     assert "Traceback" not in log, log
 
 
+def test_a_port_in_use_is_refused_not_shared(digits_model_dir, tmp_path, capsys):
+    """SO_REUSEPORT would let a second service on the same port take half the connections."""
+    srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1)
+    try:
+        assert main(["--model-dir", str(digits_model_dir), "--port", str(srv.port),
+                     "--workers", "2"]) == 1
+        assert "cannot listen on 127.0.0.1 port" in capsys.readouterr().err
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
 def test_a_worker_that_dies_stops_the_service(digits_model_dir, tmp_path):
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1)
     first, second = worker_pids(srv.proc.pid)
