@@ -81,7 +81,13 @@ def supervise(settings: Settings) -> int:
         return 1
     port = reserved.getsockname()[1]
     settings = settings.model_copy(update={"PORT": port})
-    run_dir = Path(tempfile.mkdtemp(prefix="hff-serve-"))  # 0700: the workers' control sockets
+    try:  # 0700: the workers' control sockets
+        run_dir = Path(tempfile.mkdtemp(prefix="hff-serve-"))
+    except OSError as e:
+        reserved.close()
+        print(f"hff-serve: error: the workers need a writable temporary directory for their "
+              f"control sockets (TMPDIR): {e}", file=sys.stderr)
+        return 1
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads forked
     workers = [spawn.Process(target=worker_main, args=(settings, i, run_dir, os.getpid()),
                              name=f"hff-worker-{i}") for i in range(settings.WORKERS)]
