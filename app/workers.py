@@ -41,6 +41,7 @@ from app.settings import Settings
 log = logging.getLogger("app.workers")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_GRACE_S = 5.0  # after the workers' own shutdown timeout, before they are killed
+WATCH_EVERY_S = 1.0  # how often the supervisor looks at the clock while it waits
 
 
 def bind_reuseport(host: str, port: int, reuse_port: bool = True) -> socket.socket:
@@ -119,20 +120,20 @@ def supervise(settings: Settings) -> int:
 
 
 def watch(workers: list, stopping: list[int], settings: Settings) -> int:
-    """Wait for the workers; the first to exit unasked stops the rest. The exit status."""
+    """Wait for the workers; the first to exit unasked stops the rest, and what has not exited
+    by the shutdown timeout (and a grace) after the stop began is killed. The exit status."""
     running = {w.sentinel: w for w in workers}
     code = 0
-    deadline: float | None = None
+    deadline: float | None = None  # set once stopping: the signal handler may set it any time
     while running:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready = wait(list(running), timeout=timeout)
-        if not ready:  # past the shutdown timeout and grace: what is left is killed
+        if stopping and deadline is None:
+            deadline = time.monotonic() + settings.SHUTDOWN_TIMEOUT_S + STOP_GRACE_S
+        if deadline is not None and time.monotonic() > deadline:
             for w in running.values():
                 log.error("supervisor: worker %s did not exit; killing it", w.name)
                 w.kill()
-            deadline = time.monotonic() + STOP_GRACE_S
-            continue
-        for sentinel in ready:
+            deadline = float("inf")  # killed once; SIGKILL cannot be ignored
+        for sentinel in wait(list(running), timeout=WATCH_EVERY_S):
             w = running.pop(sentinel)
             w.join()
             if w.exitcode != 0 and code == 0:
@@ -141,11 +142,9 @@ def watch(workers: list, stopping: list[int], settings: Settings) -> int:
                 log.error("supervisor: worker %s exited with status %s; stopping the others",
                           w.name, w.exitcode)
                 code = code or 1
+                stopping.append(signal.SIGTERM)
                 for other in running.values():
                     os.kill(other.pid, signal.SIGTERM)
-                stopping.append(signal.SIGTERM)
-        if stopping and deadline is None:
-            deadline = time.monotonic() + settings.SHUTDOWN_TIMEOUT_S + STOP_GRACE_S
     return code
 
 

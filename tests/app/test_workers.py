@@ -132,6 +132,18 @@ def test_a_worker_that_dies_stops_the_service(digits_model_dir, tmp_path):
     assert "exited with status -9; stopping the others" in srv.log()
 
 
+def test_a_worker_that_does_not_drain_in_time_is_killed(digits_model_dir, tmp_path):
+    srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1,
+                        shutdown_timeout_s=1)
+    stuck, other = worker_pids(srv.proc.pid)
+    os.kill(stuck, signal.SIGSTOP)  # it cannot handle SIGTERM; SIGKILL still works
+    srv.terminate()
+    assert srv.proc.wait(timeout=60) == 1  # one worker did not exit by itself
+    assert not alive(stuck) and not alive(other)
+    srv.stop()
+    assert "did not exit; killing it" in srv.log()
+
+
 def test_workers_exit_when_the_supervisor_is_killed(digits_model_dir, tmp_path):
     srv = ServerProcess(digits_model_dir, tmp_path / "server.log", workers=2, threads=1)
     workers = worker_pids(srv.proc.pid)
