@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     # between them; a call that runs alone has them all (app.batcher); 1: one call at a time
     CONCURRENT_CALLS: int = Field(2, ge=1, le=64)
     # on CPU, a model call whose recent CPU time is under this runs on the event loop instead of
-    # the inference thread (small models: the hand-off costs more than it overlaps); 0 = never
-    INLINE_CALL_MS: float = Field(1.0, ge=0.0, le=1000.0)
+    # the inference thread (small models: the hand-off costs more than it overlaps); 0 = never;
+    # unset: 1 ms, and every call in a worker with one onnxruntime thread (app.service)
+    INLINE_CALL_MS: float | None = Field(None, ge=0.0, le=1000.0)
     EARLY_EXIT: EarlyExitMode = "auto"  # default mode: auto (manifest thresholds), off, or 0.9
     # Under load 'auto' moves to cheaper operating points to keep queueing under this; unset: off
     LATENCY_TARGET_MS: float | None = Field(None, gt=0.0, le=600_000.0)
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("LATENCY_TARGET_MS", "MIN_ACCURACY", "MODEL_REPOSITORY", "POLL_S",
-                     mode="before")
+                     "INLINE_CALL_MS", mode="before")
     @classmethod
     def _unset(cls, v):
         return None if isinstance(v, str) and v.strip() == "" else v  # VAR= (empty) means unset

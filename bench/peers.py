@@ -296,7 +296,10 @@ def emit(model: str, name: str, conns: int | str, runs: list[dict]) -> None:
 # one-thread calls at once as the server runs (HFF_CONCURRENT_CALLS, 2)
 CIFAR_SERVED = {"hff": {}, "hff, HFF_MAX_BATCH_SIZE=32": {"max_batch_size": 32},
                 "hff, HFF_CONCURRENT_CALLS=1": {"concurrent_calls": 1},
-                "hff, HFF_WORKERS=2": {"workers": 2}}
+                "hff, HFF_WORKERS=2": {"workers": 2},
+                # two workers with their model calls on an inference thread (the default for
+                # one process, 1 ms), as the twelfth round first ran them
+                "hff, HFF_WORKERS=2, HFF_INLINE_CALL_MS=1": {"workers": 2, "inline_call_ms": 1}}
 CIFAR_CEILINGS = [(64, 1, False), (32, 1, False), (32, 1, True), (32, 2, False)]
 # whole-graph calls the server runs at once on CPU by default (HFF_CONCURRENT_CALLS)
 SERVED_CALLS: int = Settings.model_fields["CONCURRENT_CALLS"].default

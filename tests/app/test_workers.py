@@ -5,10 +5,12 @@ one of them dies. Real processes, real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -18,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import main
 from app.peers import WorkerPeers, merge_expositions
+from app.service import DEFAULT_INLINE_CALL_MS, Service
+from app.settings import Settings
 from tests.app.conftest import API_KEY, ServerProcess, assert_drained, metric, sigterm_under_load
 from tests.app.test_model_repository import KEY, add_version, one_row
 
@@ -220,3 +224,19 @@ def test_merged_metrics_label_each_workers_series():
     assert text.count("# TYPE hff_batch_size histogram") == 1
     np.testing.assert_equal(sorted(per_worker(text, "hff_batch_size_count").items()),
                             [("0", 2.0), ("1", 2.0)])
+
+
+def test_a_worker_with_one_thread_runs_every_model_call_on_its_loop(digits_model_dir):
+    """With one onnxruntime thread per worker the other workers keep the cores busy while a
+    loop waits for its call, so no call is handed to a thread (unless HFF_INLINE_CALL_MS says)."""
+
+    def inline_below_ms(threads: int, device: str = "cpu", **settings) -> float:
+        stub = SimpleNamespace(runtime=SimpleNamespace(device=device, threads=threads),
+                               settings=Settings(MODEL_DIR=digits_model_dir, **settings))
+        return Service.inline_below_ms(stub)  # type: ignore[arg-type]
+
+    assert inline_below_ms(2) == DEFAULT_INLINE_CALL_MS  # one process: small calls only
+    assert inline_below_ms(1, WORKERS=2) == math.inf
+    assert inline_below_ms(2, WORKERS=2) == DEFAULT_INLINE_CALL_MS  # its threads overlap the loop
+    assert inline_below_ms(1, WORKERS=2, INLINE_CALL_MS=0) == 0.0  # the setting wins
+    assert inline_below_ms(1, device="cuda", WORKERS=2) == 0.0
