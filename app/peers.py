@@ -53,6 +53,9 @@ class WorkerPeers:
     def others(self) -> list[int]:
         return [i for i in range(self.count) if i != self.index]
 
+    def own_metrics(self) -> bytes:
+        return generate_latest(self.repository.metrics.registry)
+
     # --- answering the others ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -78,7 +81,7 @@ class WorkerPeers:
         op = request.get("op")
         repository = self.repository
         if op == "metrics":
-            return generate_latest(repository.metrics.registry)
+            return self.own_metrics()
         if op == "ready":
             ready = repository.ready
             return orjson.dumps({"ready": ready,
@@ -118,7 +121,7 @@ class WorkerPeers:
 
     async def metrics(self) -> bytes:
         """Every worker's metrics in one exposition, each series labelled with its worker."""
-        texts = {self.index: generate_latest(self.repository.metrics.registry)}
+        texts = {self.index: self.own_metrics()}
         texts.update({i: t for i, t in (await self._ask_others({"op": "metrics"},
                                                                 ASK_TIMEOUT_S)).items()
                       if t is not None})

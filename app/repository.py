@@ -155,9 +155,11 @@ class ModelRepository:
             return "the model is still warming up"
         return "no model is loaded"
 
-    def not_ready_error(self) -> ClientError:
-        """The 503 /readyz and /v2/health/ready answer while warming up, failed or shutting down."""
-        return ClientError(503, f"not ready: {self.not_ready_reason()}", {"Retry-After": "1"})
+    def not_ready_error(self, reason: str | None = None) -> ClientError:
+        """The 503 /readyz and /v2/health/ready answer while warming up, failed or shutting down
+        (`reason`: why, when not this process's own reason: another worker's)."""
+        return ClientError(503, f"not ready: {reason or self.not_ready_reason()}",
+                           {"Retry-After": "1"})
 
     def fail(self, reason: str) -> None:
         """Nothing can be served: say why once, stay not-ready, and stop the server."""

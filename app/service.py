@@ -110,8 +110,8 @@ class Service:
         to the inference thread), and every call in one of several workers with one onnxruntime
         thread each: the other workers keep the other cores busy while this one's loop waits
         for its call, and the loop and the inference thread no longer take turns on the cores
-        and the GIL (cifar-cnn: 92-95% of the same-batch ceiling against 86-89%; README,
-        "Request path")."""
+        and the GIL (cifar-cnn with two workers: 86-95% of the same-batch ceiling in seven runs,
+        one process 81-89%; docs/request-path.md, "Twelfth round, continued")."""
         if self.runtime.device != "cpu":
             return 0.0
         if self.settings.INLINE_CALL_MS is not None:

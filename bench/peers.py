@@ -390,11 +390,9 @@ def cifar_rows(args: argparse.Namespace, run_one, designs: dict[str, Path]) -> N
             # their own connections' requests, so their batches are smaller)
             same: dict[str, tuple[int, int, bool]] = {}
             for name, server in servers.items():
-                batch = mean_batch(server.url)
-                extra = same_batch_ceiling(batch, kinds)
-                if extra is not None:
-                    kinds.append(extra)
-                same[name] = (max(1, round(batch)), SERVED_CALLS, False)
+                same[name] = same_batch_ceiling(mean_batch(server.url), [])  # never None
+                if same[name] not in kinds:
+                    kinds.append(same[name])
             ceilings: dict[tuple[int, int, bool], list[dict]] = {c: [] for c in kinds}
             for _ in range(args.repeats):
                 for batch, concurrent, spinning in kinds:

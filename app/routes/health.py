@@ -50,4 +50,4 @@ async def not_ready(repository: ModelRepository, peers: WorkerPeers | None) -> C
     if not repository.ready:
         return repository.not_ready_error()
     reason = None if peers is None else await peers.not_ready()
-    return None if reason is None else ClientError(503, f"not ready: {reason}", {"Retry-After": "1"})
+    return None if reason is None else repository.not_ready_error(reason)
