@@ -270,7 +270,7 @@ def fmnist_vgg() -> dict[str, Any]:
     tensors; block 2 is then about as large). As shipped (micro-batches, and the heads' pooled
     gradient handed back channels-last, model.hff.GradInInputLayout): seeds 0 / 1 / 2 reach
     93.07 / 93.07 / 93.20% (mean 93.11%, backprop 93.89%) in 12.2-14.2 min a run on 2 cores
-    (23.6 min on a machine 1.9x slower a step, with the same results).
+    (23.6 and 24.2 min on machines 1.7-1.9x slower a step, with the same results).
     Per-block figures, backprop and what was tried: README, Real data: Fashion-MNIST,
     and docs/fashion-mnist.md.
     """
